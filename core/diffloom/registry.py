@@ -52,6 +52,7 @@ class Entry:
     target: object  # "module:attr" or the object itself
     provider: str
     meta: dict = field(default_factory=dict)
+    override: bool = False
     overrides: str | None = None
 
     def load(self):
@@ -180,18 +181,27 @@ class Registry:
         def register(name: str, target, override: bool = False, **meta):
             table = self._entries[kind]
             previous = table.get(name)
-            if previous is not None and previous.provider != info.name and not override:
+            entry = Entry(kind, name, target, info.name, meta, override=override)
+            if previous is None or previous.provider == info.name:
+                table[name] = entry
+            elif override and not previous.override:
+                entry.overrides = previous.provider
+                table[name] = entry
+            elif previous.override and not override:
+                # An explicit override wins whichever plugin happened to load first.
+                previous.overrides = info.name
+                self._plugins[previous.provider].notes.append(
+                    f"{kind} {name!r} overrides the one from {info.name!r}")
+                return
+            else:
                 message = (f"{kind} {name!r} is provided by both {previous.provider!r} and {info.name!r}; "
                            f"uninstall one, block one with DIFFLOOM_BLOCK_PLUGINS, or register with override=True")
                 self._conflicts[(kind, name)] = [previous.provider, info.name]
                 info.error = message
                 warnings.warn(message, stacklevel=2)
                 return
-            entry = Entry(kind, name, target, info.name, meta)
-            if previous is not None and previous.provider != info.name:
-                entry.overrides = previous.provider
-                info.notes.append(f"{kind} {name!r} overrides the one from {previous.provider!r}")
-            table[name] = entry
+            if entry.overrides:
+                info.notes.append(f"{kind} {name!r} overrides the one from {entry.overrides!r}")
             info.provides.setdefault(kind, []).append(name)
 
         return register

@@ -1,0 +1,95 @@
+"""diffusers' step-end callback classes, and the official cutoff callbacks.
+
+A callback is called after each step as ``callback(pipe, step_index, timestep, callback_kwargs)`` and returns
+``callback_kwargs``; the tensors it returns replace the pipeline's for the next step. ``tensor_inputs`` names
+the tensors it needs (checked against the pipeline's ``_callback_tensor_inputs``).
+"""
+
+from __future__ import annotations
+
+from .configuration import ConfigMixin, register_to_config
+
+
+class PipelineCallback(ConfigMixin):
+    """A callback that acts once, at a cutoff step given as a ratio of the steps or as an index."""
+
+    config_name = "callback_config.json"
+    tensor_inputs: list[str] = []
+
+    @register_to_config
+    def __init__(self, cutoff_step_ratio=1.0, cutoff_step_index=None):
+        if (cutoff_step_ratio is None) == (cutoff_step_index is None):
+            raise ValueError("give exactly one of cutoff_step_ratio and cutoff_step_index "
+                             "(set cutoff_step_ratio=None to use cutoff_step_index)")
+        if cutoff_step_ratio is not None and (
+                not isinstance(cutoff_step_ratio, float) or not 0.0 <= cutoff_step_ratio <= 1.0):
+            raise ValueError(f"cutoff_step_ratio must be a float in [0.0, 1.0], got {cutoff_step_ratio!r}")
+
+    def cutoff_step(self, pipeline) -> int:
+        if self.config.cutoff_step_index is not None:
+            return self.config.cutoff_step_index
+        return int(pipeline.num_timesteps * self.config.cutoff_step_ratio)
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define callback_fn")
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs) -> dict:
+        return self.callback_fn(pipeline, step_index, timestep, callback_kwargs)
+
+
+class MultiPipelineCallbacks:
+    """Several callbacks run in order; each sees what the previous returned."""
+
+    def __init__(self, callbacks):
+        self.callbacks = list(callbacks)
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        names = []
+        for callback in self.callbacks:
+            names += [n for n in callback.tensor_inputs if n not in names]
+        return names
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs) -> dict:
+        for callback in self.callbacks:
+            callback_kwargs = callback(pipeline, step_index, timestep, callback_kwargs)
+        return callback_kwargs
+
+
+class _CFGCutoff(PipelineCallback):
+    """At the cutoff step, keep only the conditional half of each CFG-batched tensor and stop guidance.
+
+    CFG tensors are stacked as [unconditional batch, conditional batch]; taking the second half works for
+    any batch size (diffusers keeps only the last row, which is right for a batch of one only).
+    """
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == self.cutoff_step(pipeline):
+            for name in self.tensor_inputs:
+                tensor = callback_kwargs[name]
+                callback_kwargs[name] = tensor[tensor.shape[0] // 2:]
+            pipeline._guidance_scale = 0.0
+        return callback_kwargs
+
+
+class SDCFGCutoffCallback(_CFGCutoff):
+    tensor_inputs = ["prompt_embeds"]
+
+
+class SDXLCFGCutoffCallback(_CFGCutoff):
+    tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+
+class SDXLControlnetCFGCutoffCallback(_CFGCutoff):
+    tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids", "image"]
+
+
+class IPAdapterScaleCutoffCallback(PipelineCallback):
+    """Turn the IP-Adapter off (scale 0) from the cutoff step on."""
+
+    tensor_inputs: list[str] = []
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == self.cutoff_step(pipeline):
+            pipeline.set_ip_adapter_scale(0.0)
+        return callback_kwargs

@@ -1,0 +1,264 @@
+"""The model base class: diffusers-format folders in and out, weights loaded straight into a meta-built module.
+
+A model is built on the meta device (no memory, no random initialisation), then its parameters are replaced
+by the tensors read from safetensors (``load_state_dict(assign=True)``). Models must therefore keep all their
+state in the state dict: a buffer that is not saved would be left on the meta device (compute such values in
+``forward`` instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .configuration import ConfigMixin
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class WeightsError(hub.LoadError):
+    """Weights that do not fit the model, or a file that cannot be read."""
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def parse_size(size) -> int:
+    """'5GB', '200MB', '10KB' or an int -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size such as '5GB' or '200MB'")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (try torch.float16 or 'bfloat16')")
+    return value
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a damaged file is reported by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); the file may be truncated: "
+                           f"download or save it again") from None
+
+
+def load_pickle(path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise WeightsError(
+            f"{path} is a pickle file, and unpickling can run arbitrary code, so it is refused. Convert it to "
+            f"safetensors, or pass allow_pickle=True if you trust its source (it is then loaded with "
+            f"torch.load(weights_only=True))")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise WeightsError(f"{path} could not be loaded with torch.load(weights_only=True): {e}") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    return data
+
+
+def save_state_dict(state_dict: dict, directory, name: str, max_shard_size="10GB", metadata=None) -> list[Path]:
+    """Write ``name`` (a .safetensors file name), splitting into shards plus an index past ``max_shard_size``."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    directory = Path(directory)
+    # safetensors refuses tensors sharing storage (tied weights); each is written on its own.
+    tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
+               for k, v in state_dict.items()}
+    shards, current, size = [], {}, 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt", **(metadata or {})}
+    stem, _, ext = name.partition(".")
+    # Old shards of the same name would be picked up by a loader: clear them.
+    for old in directory.glob(f"{stem}-*-of-*.{ext}"):
+        old.unlink()
+    index_path = directory / f"{name}.index.json"
+    if len(shards) == 1:
+        index_path.unlink(missing_ok=True)
+        save_file(shards[0], str(directory / name), metadata=meta)
+        return [directory / name]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        save_file(shard, str(directory / shard_name), metadata=meta)
+        weight_map.update({k: shard_name for k in shard})
+        written.append(directory / shard_name)
+    (directory / name).unlink(missing_ok=True)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index_path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return written + [index_path]
+
+
+def _shares_storage(t: torch.Tensor, state_dict: dict) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return sum(1 for v in state_dict.values() if v.untyped_storage().data_ptr() == ptr) > 1
+
+
+class ModelMixin(torch.nn.Module, ConfigMixin):
+    """Base of every diffloom model: ``from_pretrained`` / ``save_pretrained`` in the diffusers layout."""
+
+    config_name = "config.json"
+    weights_name = WEIGHTS_NAME
+
+    def __getattr__(self, name):
+        # Config values read as attributes (``unet.in_channels``) as they do on diffusers models.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("_internal_dict")
+            if config is not None and name in config:
+                return config[name]
+            raise
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, *, variant=None,
+                        torch_dtype=None, use_safetensors: bool | None = None, allow_pickle: bool = False,
+                        **kwargs):
+        """Load a model folder (or Hub repo) in the diffusers layout.
+
+        Weights are looked up as ``diffusion_pytorch_model[.variant].safetensors`` or its sharded
+        ``.index.json``; a missing variant falls back to the plain file with a warning. Pickle files
+        (``.bin``) are used only with ``allow_pickle=True`` and ``use_safetensors`` not True.
+        """
+        hub_kwargs = hub.split_hub_kwargs(kwargs)
+        torch_dtype = as_dtype(torch_dtype)
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        files = _find_weights(pretrained_model_name_or_path, subfolder, cls.weights_name, variant,
+                              use_safetensors, allow_pickle, hub_kwargs)
+        with torch.device("meta"):
+            model = cls.from_config(config, **kwargs)
+        state_dict = {}
+        for path in files:
+            state_dict.update(load_pickle(path, allow_pickle) if path.suffix in _PICKLE_SUFFIXES
+                              else load_safetensors(path))
+        model.load_weights(state_dict, source=files[0] if len(files) == 1 else files[0].parent, dtype=torch_dtype)
+        model.eval()
+        return model
+
+    def load_weights(self, state_dict: dict, source="state dict", dtype: torch.dtype | None = None):
+        """Assign ``state_dict`` into this (possibly meta-built) model; every mismatch is named.
+
+        Tensors keep their storage where dtype allows (no copy); floating tensors are cast to ``dtype``,
+        or to the dtype of the parameter they replace when ``dtype`` is None.
+        """
+        expected = self.state_dict(keep_vars=True)
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys (first: {', '.join(missing[:5])})")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys (first: {', '.join(unexpected[:5])})")
+            raise WeightsError(f"{source} does not fit {type(self).__name__} with its config: "
+                               f"{'; '.join(parts)}")
+        ready = {}
+        for key, target in expected.items():
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise WeightsError(f"{source}: {key} has shape {tuple(value.shape)} but the config builds "
+                                   f"{tuple(target.shape)}; the config.json does not match these weights")
+            if value.is_floating_point():
+                value = value.to(dtype or target.dtype)
+            ready[key] = value
+        self.load_state_dict(ready, strict=True, assign=True)
+
+    # -- saving ----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, variant: str | None = None, max_shard_size="10GB",
+                        safe_serialization: bool = True, **_):
+        if not safe_serialization:
+            raise ValueError("diffloom writes safetensors only; drop safe_serialization=False")
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_pretrained needs a folder, but {save_directory} is a file")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.save_config(save_directory)
+        name = _with_variant(f"{self.weights_name}.safetensors", variant)
+        save_state_dict(self.state_dict(), save_directory, name, max_shard_size)
+
+
+def _find_weights(root, subfolder, weights_name, variant, use_safetensors, allow_pickle, hub_kwargs) -> list[Path]:
+    """The weight files of a model folder, shards in order; errors list what was looked for."""
+    candidates = []
+    for v in ([variant, None] if variant else [None]):
+        if use_safetensors is not False:
+            candidates.append(("index", _with_variant(f"{weights_name}.safetensors.index.json", v)))
+            candidates.append(("file", _with_variant(f"{weights_name}.safetensors", v)))
+        if use_safetensors is not True:
+            candidates.append(("index", _with_variant(f"{weights_name}.bin.index.json", v)))
+            candidates.append(("file", _with_variant(f"{weights_name}.bin", v)))
+    for kind, name in candidates:
+        try:
+            path = hub.resolve_file(root, name, subfolder, **hub_kwargs)
+        except hub.LoadError:
+            continue
+        if variant and f".{variant}." not in name:
+            warnings.warn(f"{root}{'/' + subfolder if subfolder else ''} has no {variant!r} variant; "
+                          f"loading {name} instead", stacklevel=3)
+        if kind == "file":
+            return [path]
+        try:
+            index = json.loads(path.read_text())
+            shard_names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise WeightsError(f"{path} is not a valid shard index ({e})") from None
+        return [hub.resolve_file(root, s, subfolder, **hub_kwargs) for s in shard_names]
+    where = os.path.join(str(root), subfolder or "")
+    looked = ", ".join(name for _, name in candidates)
+    hint = ""
+    if use_safetensors is not True and not allow_pickle:
+        hint = " (pickle .bin files are only read with allow_pickle=True)"
+    raise WeightsError(f"no weights in {where}: looked for {looked}{hint}")

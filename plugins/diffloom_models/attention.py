@@ -1,0 +1,197 @@
+"""Multi-head attention and its extension point, the attention processor.
+
+``Attention`` owns the weights (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` and, for the VAE / UNet2D kind,
+``group_norm``); *how* they are used is delegated to ``attn.processor``. Adapters change attention by
+installing a processor, never by patching modules.
+
+The processor protocol
+----------------------
+A processor is any callable (usually an object with ``__call__``; an ``nn.Module`` when it has weights of its
+own, which then appear in the model's state dict under ``<attention path>.processor.``)::
+
+    processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs)
+        -> hidden_states
+
+- ``attn`` is the calling ``Attention``: use its projections (``attn.to_q`` ... ``attn.to_out[0]``, then the
+  dropout ``attn.to_out[1]``), ``attn.heads``, ``attn.group_norm``, ``attn.residual_connection``,
+  ``attn.rescale_output_factor``, and the helpers ``attn.attend(q, k, v, mask)`` (split heads, scaled
+  dot-product attention, merge heads) and ``attn.spatial_in`` / ``attn.spatial_out``.
+- ``hidden_states`` is ``(batch, tokens, query_dim)``, or ``(batch, channels, height, width)`` for the
+  self-attention of VAE / UNet2D blocks.
+- ``encoder_hidden_states`` is ``None`` for self-attention, else ``(batch, context_tokens, cross_dim)``. With an
+  IP-Adapter image projection on the UNet (``encoder_hid_dim_type="ip_image_proj"``) it is the tuple
+  ``(text_states, [image_states, ...])``; the default processor refuses it, an IP-Adapter processor unpacks it.
+- ``attention_mask`` is an additive bias ``(batch, 1 or query_tokens, key_tokens)`` (0 keeps a token, -10000
+  drops it), or ``(batch * heads, ...)`` for a per-head bias.
+- ``**kwargs`` are the caller's ``cross_attention_kwargs`` (from ``unet(..., cross_attention_kwargs=...)``).
+  ``Attention`` passes a processor only the keys its signature names, or all of them if it takes
+  ``**kwargs``; so a key meant for one adapter (LoRA's ``"scale"``, an IP-Adapter's ``"ip_adapter_masks"``) is
+  silently dropped for processors that do not ask for it.
+
+Models that hold attention layers inherit ``AttentionProcessorMixin`` and expose ``attn_processors``
+(``{"<module path>.processor": processor}``) and ``set_attn_processor(processor_or_dict)``, the same names
+and keys as diffusers.
+
+LoRA does not need a processor: it attaches forward hooks to the plain ``nn.Linear`` / ``nn.Conv2d``
+projections, which is why no projection here is wrapped or fused.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AttnProcessor:
+    """The default processor: one fused ``scaled_dot_product_attention`` call."""
+
+    def __call__(self, attn: "Attention", hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        if isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                "encoder_hidden_states is a (text, image) tuple, which only an IP-Adapter attention processor "
+                "understands; load the IP-Adapter (it installs its processors) or drop added_cond_kwargs"
+                "['image_embeds']")
+        residual = hidden_states
+        hidden_states, shape = attn.spatial_in(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        out = attn.attend(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attention_mask)
+        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.spatial_out(out, shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _accepted_kwargs(processor) -> frozenset[str] | None:
+    """The keyword names a processor takes beyond the fixed ones; None when it takes ``**kwargs``."""
+    params = inspect.signature(processor).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``cross_attention_dim`` set makes it cross-attention over a context.
+
+    ``norm_num_groups`` adds the group norm of VAE / UNet2D attention (applied to the query input only), and
+    ``residual_connection`` / ``rescale_output_factor`` give those blocks' ``(attn(x) + x) / factor``.
+    ``upcast_attention`` is recorded for configs that ask for it: the fused attention kernels already keep the
+    softmax in float32, which is what the flag was introduced for.
+    """
+
+    def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0, bias: bool = False, upcast_attention: bool = False, out_bias: bool = True,
+                 norm_num_groups: int | None = None, eps: float = 1e-5, residual_connection: bool = False,
+                 rescale_output_factor: float = 1.0, processor=None):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.inner_dim = inner_dim
+        self.is_cross_attention = cross_attention_dim is not None
+        self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+
+        self.group_norm = (nn.GroupNorm(norm_num_groups, query_dim, eps=eps, affine=True)
+                           if norm_num_groups is not None else None)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.set_processor(processor if processor is not None else AttnProcessor())
+
+    # -- the extension point -----------------------------------------------------------------------------------
+
+    def set_processor(self, processor) -> None:
+        if not callable(processor):
+            raise TypeError(f"an attention processor must be callable as processor(attn, hidden_states, ...), "
+                            f"got {type(processor).__name__}")
+        # A processor with weights is a submodule; replacing it by a plain one must drop those weights.
+        if isinstance(self._modules.get("processor"), nn.Module) and not isinstance(processor, nn.Module):
+            del self._modules["processor"]
+        self.processor = processor
+        self._processor_kwargs = _accepted_kwargs(processor)
+
+    def get_processor(self):
+        return self.processor
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
+        accepted = self._processor_kwargs
+        if accepted is not None:
+            cross_attention_kwargs = {k: v for k, v in cross_attention_kwargs.items() if k in accepted}
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **cross_attention_kwargs)
+
+    # -- helpers for processors ----------------------------------------------------------------------------------
+
+    def spatial_in(self, hidden_states):
+        """(B, C, H, W) -> (B, H*W, C) tokens, group-normed if this layer has a group norm; returns the shape
+        that ``spatial_out`` needs (None for token input)."""
+        shape = None
+        if hidden_states.ndim == 4:
+            shape = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return hidden_states, shape
+
+    @staticmethod
+    def spatial_out(hidden_states, shape):
+        if shape is None:
+            return hidden_states
+        return hidden_states.transpose(1, 2).reshape(shape)
+
+    def attend(self, query, key, value, attention_mask=None):
+        """Projected (B, Lq, heads*d), (B, Lk, heads*d) x2 -> (B, Lq, heads*d) by scaled dot-product attention."""
+        batch, heads = query.shape[0], self.heads
+
+        def split(t):
+            return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != key.shape[1]:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} key tokens but the attention "
+                                 f"has {key.shape[1]}; pass a mask with one entry per key token")
+            if attention_mask.ndim == 4:  # already (B, heads or 1, Lq or 1, Lk)
+                mask = attention_mask
+            elif attention_mask.shape[0] == batch * heads != batch:
+                mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+            else:  # one bias for all heads
+                mask = attention_mask.unsqueeze(1)
+            mask = mask.to(query.dtype)
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
+        return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
+
+
+class AttentionProcessorMixin:
+    """``attn_processors`` / ``set_attn_processor`` for an ``nn.Module`` holding ``Attention`` layers."""
+
+    @property
+    def attn_processors(self) -> dict:
+        return {f"{name}.processor": m.processor for name, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attn_processor(self, processor) -> None:
+        """One processor for every attention layer, or a dict keyed like ``attn_processors`` covering all."""
+        layers = {f"{name}.processor": m for name, m in self.named_modules() if isinstance(m, Attention)}
+        if isinstance(processor, dict):
+            missing = [k for k in layers if k not in processor]
+            unknown = [k for k in processor if k not in layers]
+            if missing or unknown:
+                raise ValueError(
+                    f"set_attn_processor needs a processor for each of the {len(layers)} attention layers, keyed "
+                    f"as in model.attn_processors; missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                    f"unknown {unknown[:3]}{'...' if len(unknown) > 3 else ''}")
+            for key, layer in layers.items():
+                layer.set_processor(processor[key])
+        else:
+            for layer in layers.values():
+                layer.set_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        self.set_attn_processor(AttnProcessor())

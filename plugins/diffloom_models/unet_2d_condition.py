@@ -1,0 +1,498 @@
+"""The conditional UNet of latent diffusion (Stable Diffusion 1.x / 2.x, SDXL, LCM, inpainting, unCLIP, upscaler).
+
+Shape of the network: ``conv_in``; a down path of stages (resnets, each optionally followed by a spatial
+transformer that cross-attends to the text, then a stride-2 conv) whose every output is kept as a skip; a
+middle stage; an up path that concatenates the skips back in reverse order; ``conv_norm_out`` / ``conv_out``.
+Every resnet also receives one conditioning vector ``emb``: the sinusoidal timestep embedding through an MLP,
+plus optional class / SDXL "text_time" / LCM guidance embeddings.
+
+Config keys, defaults and state-dict names are diffusers' ``UNet2DConditionModel``'s, so folders move both ways.
+One naming quirk is inherited on purpose: ``attention_head_dim`` in these configs is the number of heads per
+stage (head width = channels / heads). ``ControlNetModel`` (controlnet.py) reuses the embeddings and stages here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffloom.configuration import register_to_config
+from diffloom.modeling import ModelMixin
+from diffloom.outputs import BaseOutput
+
+from .attention import AttentionProcessorMixin
+from .blocks import (DownBlock2D, GaussianFourierProjection, TimestepEmbedding, Timesteps, UNetMidBlock2D,
+                     UpBlock2D, activation)
+from .transformer import SpatialTransformer, mask_to_bias
+
+
+@dataclass
+class UNet2DConditionOutput(BaseOutput):
+    sample: torch.Tensor = None
+
+
+# -- stages with cross-attention ---------------------------------------------------------------------------------
+
+
+def _spatial_transformers(channels, heads, layers, num_resnets, groups, cross_attention_dim,
+                          use_linear_projection, only_cross_attention, upcast_attention) -> nn.ModuleList:
+    """One spatial transformer after each resnet; ``layers`` is their depth, one int or one per resnet."""
+    if isinstance(layers, int):
+        layers = [layers] * num_resnets
+    return nn.ModuleList(
+        SpatialTransformer(heads, channels // heads, in_channels=channels, num_layers=depth,
+                           norm_num_groups=groups, cross_attention_dim=cross_attention_dim,
+                           use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+                           upcast_attention=upcast_attention)
+        for depth in layers)
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """``DownBlock2D`` with a spatial transformer after each resnet."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+                 num_layers: int = 1, transformer_layers_per_block=1, resnet_eps: float = 1e-6,
+                 resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
+                 num_attention_heads: int = 1, cross_attention_dim: int = 1280, output_scale_factor: float = 1.0,
+                 downsample_padding: int = 1, add_downsample: bool = True, use_linear_projection: bool = False,
+                 only_cross_attention: bool = False, upcast_attention: bool = False):
+        super().__init__(in_channels, out_channels, temb_channels, dropout=dropout, num_layers=num_layers,
+                         resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_downsample=add_downsample,
+                         downsample_padding=downsample_padding)
+        self.attentions = _spatial_transformers(out_channels, num_attention_heads, transformer_layers_per_block,
+                                                num_layers, resnet_groups, cross_attention_dim,
+                                                use_linear_projection, only_cross_attention, upcast_attention)
+
+    def forward(self, hidden_states, temb=None, **context):
+        skips = ()
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = attn(resnet(hidden_states, temb), **context)
+            skips += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+            skips += (hidden_states,)
+        return hidden_states, skips
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """``UpBlock2D`` with a spatial transformer after each resnet."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int,
+                 dropout: float = 0.0, num_layers: int = 1, transformer_layers_per_block=1, resnet_eps: float = 1e-6,
+                 resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
+                 num_attention_heads: int = 1, cross_attention_dim: int = 1280, output_scale_factor: float = 1.0,
+                 add_upsample: bool = True, use_linear_projection: bool = False, only_cross_attention: bool = False,
+                 upcast_attention: bool = False):
+        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_upsample=add_upsample)
+        self.attentions = _spatial_transformers(out_channels, num_attention_heads, transformer_layers_per_block,
+                                                num_layers, resnet_groups, cross_attention_dim,
+                                                use_linear_projection, only_cross_attention, upcast_attention)
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None, **context):
+        for resnet, attn in zip(self.resnets, self.attentions):
+            *res_hidden_states_tuple, skip = res_hidden_states_tuple
+            hidden_states = attn(resnet(torch.cat([hidden_states, skip], dim=1), temb), **context)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+        return hidden_states
+
+
+class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
+    """resnet, then ``num_layers`` x (spatial transformer, resnet)."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels: int, temb_channels: int, dropout: float = 0.0, num_layers: int = 1,
+                 transformer_layers_per_block=1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
+                 resnet_act_fn: str = "swish", resnet_groups: int | None = 32, num_attention_heads: int = 1,
+                 output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
+                 use_linear_projection: bool = False, upcast_attention: bool = False):
+        super().__init__(in_channels, temb_channels, dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         resnet_groups=resnet_groups, add_attention=False, output_scale_factor=output_scale_factor)
+        groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
+        self.attentions = _spatial_transformers(in_channels, num_attention_heads, transformer_layers_per_block,
+                                                num_layers, groups, cross_attention_dim, use_linear_projection,
+                                                False, upcast_attention)
+
+    def forward(self, hidden_states, temb=None, **context):
+        hidden_states = self.resnets[0](hidden_states, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            hidden_states = resnet(attn(hidden_states, **context), temb)
+        return hidden_states
+
+
+# -- building the down / mid / up paths from config values ------------------------------------------------------
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+
+def per_block(value, n: int, key: str) -> list:
+    """A config value given once for all stages, or once per stage (checked)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{key} has {len(value)} entries but there are {n} down blocks; give one per block "
+                             f"or a single value")
+        return list(value)
+    return [value] * n
+
+
+def check_block_types(down_block_types, up_block_types, mid_block_type):
+    for kind, types, known in (("down_block_types", down_block_types, DOWN_BLOCKS),
+                               ("up_block_types", up_block_types, UP_BLOCKS)):
+        for t in types:
+            if t not in known:
+                raise ValueError(f"{kind} contains {t!r}; diffloom builds {', '.join(known)}")
+    if mid_block_type not in MID_BLOCKS:
+        raise ValueError(f"mid_block_type={mid_block_type!r}; diffloom builds UNetMidBlock2DCrossAttn, "
+                         f"UNetMidBlock2D or None")
+
+
+def build_down_blocks(down_block_types, block_out_channels, layers_per_block, transformer_layers_per_block,
+                      num_attention_heads, cross_attention_dim, only_cross_attention, temb_channels, *, norm_eps,
+                      act_fn, norm_num_groups, downsample_padding, dropout, use_linear_projection, upcast_attention,
+                      resnet_time_scale_shift) -> nn.ModuleList:
+    """The down path; the per-stage arguments are lists (see ``per_block``)."""
+    blocks = []
+    for i, block_type in enumerate(down_block_types):
+        common = dict(in_channels=block_out_channels[max(i - 1, 0)], out_channels=block_out_channels[i],
+                      temb_channels=temb_channels, dropout=dropout, num_layers=layers_per_block[i],
+                      resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
+                      resnet_time_scale_shift=resnet_time_scale_shift, downsample_padding=downsample_padding,
+                      add_downsample=i < len(down_block_types) - 1)
+        if block_type == "CrossAttnDownBlock2D":
+            blocks.append(CrossAttnDownBlock2D(
+                **common, transformer_layers_per_block=transformer_layers_per_block[i],
+                num_attention_heads=num_attention_heads[i], cross_attention_dim=cross_attention_dim[i],
+                use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention[i],
+                upcast_attention=upcast_attention))
+        else:
+            blocks.append(DownBlock2D(**common))
+    return nn.ModuleList(blocks)
+
+
+def build_mid_block(mid_block_type, channels, temb_channels, transformer_layers, num_attention_heads,
+                    cross_attention_dim, *, norm_eps, act_fn, norm_num_groups, mid_block_scale_factor, dropout,
+                    use_linear_projection, upcast_attention, resnet_time_scale_shift):
+    common = dict(in_channels=channels, temb_channels=temb_channels, dropout=dropout, resnet_eps=norm_eps,
+                  resnet_act_fn=act_fn, resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
+                  output_scale_factor=mid_block_scale_factor)
+    if mid_block_type == "UNetMidBlock2DCrossAttn":
+        return UNetMidBlock2DCrossAttn(**common, transformer_layers_per_block=transformer_layers,
+                                       num_attention_heads=num_attention_heads,
+                                       cross_attention_dim=cross_attention_dim,
+                                       use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
+    if mid_block_type == "UNetMidBlock2D":  # two resnets, no attention
+        return UNetMidBlock2D(**common, num_layers=0, add_attention=False)
+    return None
+
+
+# -- the conditioning vector -----------------------------------------------------------------------------------
+
+
+class ConditioningEmbeddings:
+    """Timestep, class and SDXL text_time embeddings, and the context projection: the parts a ControlNet shares
+    with its UNet. Mixed into an ``nn.Module``; module names are diffusers'."""
+
+    def _init_embeddings(self, *, block_out_channels, flip_sin_to_cos, freq_shift, act_fn, cross_attention_dim,
+                         time_embedding_type="positional", time_embedding_dim=None, timestep_post_act=None,
+                         time_cond_proj_dim=None, time_embedding_act_fn=None, class_embed_type=None,
+                         num_class_embeds=None, projection_class_embeddings_input_dim=None,
+                         addition_embed_type=None, addition_time_embed_dim=None, encoder_hid_dim=None,
+                         encoder_hid_dim_type=None) -> int:
+        """Build the embedding modules; returns the width of ``emb``."""
+        if time_embedding_type == "positional":
+            time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
+            self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+            timestep_input_dim = block_out_channels[0]
+        elif time_embedding_type == "fourier":
+            time_embed_dim = time_embedding_dim or block_out_channels[0] * 2
+            if time_embed_dim % 2:
+                raise ValueError(f"time_embedding_dim={time_embed_dim} must be even for fourier embeddings")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, log=False, flip_sin_to_cos=flip_sin_to_cos)
+            timestep_input_dim = time_embed_dim
+        else:
+            raise ValueError(f"time_embedding_type={time_embedding_type!r} is not 'positional' or 'fourier'")
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn,
+                                                post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
+
+        if encoder_hid_dim_type is None and encoder_hid_dim is not None:
+            encoder_hid_dim_type = "text_proj"
+            self.register_to_config(encoder_hid_dim_type=encoder_hid_dim_type)
+        if encoder_hid_dim_type is not None and encoder_hid_dim is None:
+            raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r} needs encoder_hid_dim (the width of "
+                             f"the encoder states to project)")
+        if encoder_hid_dim_type not in (None, "text_proj"):
+            raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r}: diffloom builds 'text_proj' (an "
+                             f"IP-Adapter loader sets 'ip_image_proj' itself)")
+        self.encoder_hid_proj = nn.Linear(encoder_hid_dim, cross_attention_dim) if encoder_hid_dim_type else None
+        # Set by an IP-Adapter loader when it takes over ``encoder_hid_proj`` from a "text_proj" model.
+        self.text_encoder_hid_proj = None
+
+        if class_embed_type is None and num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
+        elif class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
+        elif class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        elif class_embed_type in ("projection", "simple_projection"):
+            if projection_class_embeddings_input_dim is None:
+                raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim")
+            self.class_embedding = (TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+                                    if class_embed_type == "projection"
+                                    else nn.Linear(projection_class_embeddings_input_dim, time_embed_dim))
+        elif class_embed_type is None:
+            self.class_embedding = None
+        else:
+            raise ValueError(f"class_embed_type={class_embed_type!r} is not None, 'timestep', 'identity', "
+                             f"'projection' or 'simple_projection'")
+
+        if addition_embed_type == "text_time":  # SDXL: pooled text embedding + sinusoidal size/crop ids
+            if addition_time_embed_dim is None or projection_class_embeddings_input_dim is None:
+                raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                                 "projection_class_embeddings_input_dim")
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+        elif addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type={addition_embed_type!r}: diffloom builds 'text_time' (SDXL) "
+                             f"or None")
+        self.time_embed_act = activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
+        return time_embed_dim
+
+    def _embed(self, sample, timestep, timestep_cond=None, class_labels=None, added_cond_kwargs=None,
+               class_embeddings_concat=False):
+        """The conditioning vector ``emb`` (batch, width) that every resnet receives."""
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.float32 if isinstance(timestep, float) else torch.int64,
+                                    device=sample.device)
+        elif timestep.ndim == 0:
+            timestep = timestep[None].to(sample.device)
+        timestep = timestep.expand(sample.shape[0])
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype), timestep_cond)
+
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"this model has a class embedding (class_embed_type="
+                                 f"{self.config.class_embed_type!r}); pass class_labels")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels).to(sample.dtype)
+            class_emb = self.class_embedding(class_labels).to(sample.dtype)
+            emb = torch.cat([emb, class_emb], dim=-1) if class_embeddings_concat else emb + class_emb
+
+        if self.config.addition_embed_type == "text_time":
+            added = added_cond_kwargs or {}
+            for key in ("text_embeds", "time_ids"):
+                if key not in added:
+                    raise ValueError(f"this model has addition_embed_type='text_time' (SDXL) and needs "
+                                     f"added_cond_kwargs['{key}']")
+            text_embeds = added["text_embeds"]
+            time_embeds = self.add_time_proj(added["time_ids"].flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        return emb
+
+    def _project_context(self, encoder_hidden_states, added_cond_kwargs=None):
+        """Project the text states if the model has ``encoder_hid_proj``; with an IP-Adapter image projection
+        return ``(text_states, image_states)`` for the IP-Adapter attention processors."""
+        kind = self.config.encoder_hid_dim_type
+        if self.encoder_hid_proj is None:
+            return encoder_hidden_states
+        if kind == "text_proj":
+            return self.encoder_hid_proj(encoder_hidden_states)
+        if kind == "ip_image_proj":
+            if not added_cond_kwargs or "image_embeds" not in added_cond_kwargs:
+                raise ValueError("an IP-Adapter is loaded (encoder_hid_dim_type='ip_image_proj'); pass "
+                                 "added_cond_kwargs['image_embeds']")
+            if self.text_encoder_hid_proj is not None:
+                encoder_hidden_states = self.text_encoder_hid_proj(encoder_hidden_states)
+            return encoder_hidden_states, self.encoder_hid_proj(added_cond_kwargs["image_embeds"])
+        raise ValueError(f"encoder_hid_dim_type={kind!r} is not 'text_proj' or 'ip_image_proj'")
+
+
+# -- the model -------------------------------------------------------------------------------------------------
+
+
+class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbeddings):
+    """Conditional UNet; call ``unet(sample, timestep, encoder_hidden_states, ...)``.
+
+    Config keys that only matter for block types diffloom does not build (``resnet_skip_time_act``,
+    ``resnet_out_scale_factor``, ``mid_block_only_cross_attention``, ``cross_attention_norm``,
+    ``addition_embed_type_num_heads``) are kept in the config and have no effect, as in diffusers for these
+    block types.
+    """
+
+    @register_to_config
+    def __init__(self, sample_size=None, in_channels: int = 4, out_channels: int = 4,
+                 center_input_sample: bool = False, flip_sin_to_cos: bool = True, freq_shift: int = 0,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 downsample_padding: int = 1, mid_block_scale_factor: float = 1, dropout: float = 0.0,
+                 act_fn: str = "silu", norm_num_groups: int | None = 32, norm_eps: float = 1e-5,
+                 cross_attention_dim=1280, transformer_layers_per_block=1, reverse_transformer_layers_per_block=None,
+                 encoder_hid_dim: int | None = None, encoder_hid_dim_type: str | None = None,
+                 attention_head_dim=8, num_attention_heads=None, dual_cross_attention: bool = False,
+                 use_linear_projection: bool = False, class_embed_type: str | None = None,
+                 addition_embed_type: str | None = None, addition_time_embed_dim: int | None = None,
+                 num_class_embeds: int | None = None, upcast_attention: bool = False,
+                 resnet_time_scale_shift: str = "default", resnet_skip_time_act: bool = False,
+                 resnet_out_scale_factor: float = 1.0, time_embedding_type: str = "positional",
+                 time_embedding_dim: int | None = None, time_embedding_act_fn: str | None = None,
+                 timestep_post_act: str | None = None, time_cond_proj_dim: int | None = None,
+                 conv_in_kernel: int = 3, conv_out_kernel: int = 3,
+                 projection_class_embeddings_input_dim: int | None = None, attention_type: str = "default",
+                 class_embeddings_concat: bool = False, mid_block_only_cross_attention: bool | None = None,
+                 cross_attention_norm: str | None = None, addition_embed_type_num_heads: int = 64):
+        super().__init__()
+        n = len(down_block_types)
+        if num_attention_heads is not None:
+            raise ValueError("num_attention_heads must stay None: in UNet2DConditionModel configs the number of "
+                             "heads is given by attention_head_dim")
+        if dual_cross_attention:
+            raise ValueError("dual_cross_attention=True (Versatile Diffusion) is not supported")
+        if attention_type != "default":
+            raise ValueError(f"attention_type={attention_type!r} (GLIGEN) is not supported; use 'default'")
+        if len(up_block_types) != n or len(block_out_channels) != n:
+            raise ValueError(f"down_block_types, up_block_types and block_out_channels must have the same length "
+                             f"(got {n}, {len(up_block_types)}, {len(block_out_channels)})")
+        check_block_types(down_block_types, up_block_types, mid_block_type)
+        heads = per_block(attention_head_dim, n, "attention_head_dim")
+        layers = per_block(layers_per_block, n, "layers_per_block")
+        context_dims = per_block(cross_attention_dim, n, "cross_attention_dim")
+        depths = per_block(transformer_layers_per_block, n, "transformer_layers_per_block")
+        only_cross = per_block(only_cross_attention, n, "only_cross_attention")
+        if reverse_transformer_layers_per_block is not None:
+            up_depths = per_block(reverse_transformer_layers_per_block, n, "reverse_transformer_layers_per_block")
+        elif any(isinstance(d, (list, tuple)) for d in depths):
+            raise ValueError("transformer_layers_per_block gives per-layer depths; the up path then needs "
+                             "reverse_transformer_layers_per_block")
+        else:
+            up_depths = depths[::-1]
+
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        time_embed_dim = self._init_embeddings(
+            block_out_channels=block_out_channels, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+            act_fn=act_fn, cross_attention_dim=cross_attention_dim, time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim, timestep_post_act=timestep_post_act,
+            time_cond_proj_dim=time_cond_proj_dim, time_embedding_act_fn=time_embedding_act_fn,
+            class_embed_type=class_embed_type, num_class_embeds=num_class_embeds,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            addition_embed_type=addition_embed_type, addition_time_embed_dim=addition_time_embed_dim,
+            encoder_hid_dim=encoder_hid_dim, encoder_hid_dim_type=encoder_hid_dim_type)
+        temb_channels = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
+
+        shared = dict(norm_eps=norm_eps, act_fn=act_fn, norm_num_groups=norm_num_groups, dropout=dropout,
+                      use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                      resnet_time_scale_shift=resnet_time_scale_shift)
+        self.down_blocks = build_down_blocks(down_block_types, block_out_channels, layers, depths, heads,
+                                             context_dims, only_cross, temb_channels,
+                                             downsample_padding=downsample_padding, **shared)
+        self.mid_block = build_mid_block(mid_block_type, block_out_channels[-1], temb_channels, depths[-1],
+                                         heads[-1], context_dims[-1], mid_block_scale_factor=mid_block_scale_factor,
+                                         **shared)
+
+        # The up path mirrors the down path; each stage has one resnet more, to take the downsampler's skip.
+        up_channels = list(block_out_channels)[::-1]
+        self.up_blocks = nn.ModuleList()
+        for i, block_type in enumerate(up_block_types):
+            j = n - 1 - i  # the down stage this up stage mirrors
+            common = dict(in_channels=up_channels[min(i + 1, n - 1)], out_channels=up_channels[i],
+                          prev_output_channel=up_channels[max(i - 1, 0)], temb_channels=temb_channels,
+                          dropout=dropout, num_layers=layers[j] + 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                          resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
+                          add_upsample=i < n - 1)
+            if block_type == "CrossAttnUpBlock2D":
+                self.up_blocks.append(CrossAttnUpBlock2D(
+                    **common, transformer_layers_per_block=up_depths[i], num_attention_heads=heads[j],
+                    cross_attention_dim=context_dims[j], use_linear_projection=use_linear_projection,
+                    only_cross_attention=only_cross[j], upcast_attention=upcast_attention))
+            else:
+                self.up_blocks.append(UpBlock2D(**common))
+        self.num_upsamplers = n - 1
+
+        if norm_num_groups is not None:
+            self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+            self.conv_act = activation(act_fn)
+        else:
+            self.conv_norm_out = self.conv_act = None
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel,
+                                  padding=(conv_out_kernel - 1) // 2)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict | None = None, down_block_additional_residuals=None,
+                mid_block_additional_residual: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        """Predict the noise (or v / x0, as trained) for ``sample`` at ``timestep``.
+
+        ``attention_mask`` / ``encoder_attention_mask``: (batch, tokens) keep-masks (1 keep, 0 drop) for the
+        self- and cross-attention keys. ``down_block_additional_residuals`` / ``mid_block_additional_residual``
+        are a ControlNet's outputs, added to the skips and to the middle. ``cross_attention_kwargs`` reach every
+        attention processor.
+        """
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
+                             "mid_block_additional_residual (T2I-Adapter style down-only residuals are not "
+                             "supported)")
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self._embed(sample, timestep, timestep_cond, class_labels, added_cond_kwargs,
+                          self.config.class_embeddings_concat)
+        context = dict(encoder_hidden_states=self._project_context(encoder_hidden_states, added_cond_kwargs),
+                       attention_mask=mask_to_bias(attention_mask, sample.dtype),
+                       encoder_attention_mask=mask_to_bias(encoder_attention_mask, sample.dtype),
+                       cross_attention_kwargs=cross_attention_kwargs)
+
+        def run(block, *args, **kwargs):
+            return block(*args, **kwargs, **context) if getattr(block, "has_cross_attention", False) \
+                else block(*args, **kwargs)
+
+        sample = self.conv_in(sample)
+        skips = (sample,)
+        for block in self.down_blocks:
+            sample, block_skips = run(block, sample, emb)
+            skips += block_skips
+
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"tensors but this UNet keeps {len(skips)} skips; the ControlNet must mirror the "
+                                 f"UNet's down path")
+            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+
+        if self.mid_block is not None:
+            sample = run(self.mid_block, sample, emb)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
+
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the size of the next skip: input sizes need not be multiples of 2**num_upsamplers.
+            upsample_size = skips[-1].shape[2:] if skips else None
+            sample = run(block, sample, block_skips, emb, upsample_size=upsample_size)
+
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        sample = self.conv_out(sample)
+        if not return_dict:
+            return (sample,)
+        return UNet2DConditionOutput(sample=sample)
