@@ -54,7 +54,7 @@ def __getattr__(name):
             import difflib
 
             known = list(_CORE)
-            for kind in ("pipeline", "scheduler", "model"):
+            for kind in ("pipeline", "scheduler", "model", "callback"):
                 known += registry.names(kind)
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -67,6 +67,6 @@ def __dir__():
     from .registry import registry
 
     names = set(globals()) | set(_CORE)
-    for kind in ("pipeline", "scheduler", "model"):
+    for kind in ("pipeline", "scheduler", "model", "callback"):
         names.update(registry.names(kind))
     return sorted(names)

@@ -231,8 +231,8 @@ class Registry:
         return entry.load()
 
     def find_class(self, name: str):
-        """The class registered under ``name`` as a pipeline, scheduler or model, or ``None``."""
-        for kind in ("pipeline", "scheduler", "model"):
+        """The class registered under ``name`` as a pipeline, scheduler, model or callback, or ``None``."""
+        for kind in ("pipeline", "scheduler", "model", "callback"):
             entry = self.entry(kind, name)
             if entry is not None:
                 return entry.load()
