@@ -8,6 +8,7 @@ with diffusers' signatures.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +41,16 @@ class SchedulerMixin(ConfigMixin):
 
     @classmethod
     def compatible_classes(cls) -> list[type]:
-        from .registry import registry
+        from .registry import RegistryError, registry
 
         found = []
-        for name in {cls.__name__, *cls._compatibles}:
-            klass = registry.find_class(name)
+        for name in dict.fromkeys((cls.__name__, *cls._compatibles)):
+            try:
+                klass = registry.find_class(name)
+            except RegistryError as e:
+                # One broken scheduler plugin must not stop conversions between the others.
+                warnings.warn(f"compatible scheduler {name} is unavailable: {e}", stacklevel=2)
+                continue
             if klass is not None:
                 found.append(klass)
         return found

@@ -177,5 +177,6 @@ class EulerDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         schedule.check_float_timestep(timesteps, type(self).__name__)
         schedule_timesteps = self.timesteps.to(sample.device)
+        # alpha_bar is looked up at the timestep's position in the schedule, exactly as diffusers does
         indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device)]
         return schedule.vp_velocity(self.alphas_cumprod, sample, noise, torch.tensor(indices))

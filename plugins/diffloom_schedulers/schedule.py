@@ -172,7 +172,7 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray
 
 
 def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """"Beta Sampling is All You Need": sigmas at the quantiles of a Beta(alpha, beta) distribution."""
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution ("Beta Sampling is All You Need", 2024)."""
     quantiles = [beta_ppf(q, alpha, beta) for q in 1 - np.linspace(0, 1, n)]
     return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
 
@@ -361,7 +361,7 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # -- step bookkeeping for sigma schedulers -------------------------------------------------------------------
 
 class StepIndexMixin:
-    """``step_index`` / ``begin_index`` for schedulers that walk a sigma ladder one entry per step.
+    """``step_index`` / ``begin_index`` for schedulers that advance one entry of ``self.timesteps`` per step.
 
     The step index starts where the first timestep passed in sits in ``self.timesteps`` (img2img starts
     part-way down), unless a pipeline fixed it with ``set_begin_index``.
@@ -414,8 +414,8 @@ class SigmaLadderMixin(StepIndexMixin):
     @property
     def init_noise_sigma(self):
         top = self.sigmas.max()
-        # A "leading" grid stops short of the last training step; there the latent is scaled as x0 + sigma * eps
-        # with unit-variance x0, whose standard deviation is sqrt(sigma^2 + 1).
+        # linspace and trailing grids start at the last training step from pure noise sigma_max * eps; the
+        # leading grid keeps the older convention sqrt(sigma_max^2 + 1), the spread of x0 + sigma * eps.
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return top
         return (top**2 + 1) ** 0.5
@@ -430,14 +430,227 @@ class SigmaLadderMixin(StepIndexMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        schedule = self.timesteps.to(original_samples.device)
+        grid = self.timesteps.to(original_samples.device)
         timesteps = timesteps.to(original_samples.device)
         if original_samples.device.type == "mps" and torch.is_floating_point(timesteps):
-            schedule, timesteps = schedule.to(torch.float32), timesteps.to(torch.float32)  # mps has no float64
+            grid, timesteps = grid.to(torch.float32), timesteps.to(torch.float32)  # mps has no float64
         if self._begin_index is None:
-            indices = [self.index_for_timestep(t, schedule) for t in timesteps]
+            indices = [self.index_for_timestep(t, grid) for t in timesteps]
         else:
             # img2img: the pipeline fixed where sampling begins (or it is already under way)
             start = self._step_index if self._step_index is not None else self._begin_index
             indices = [start] * timesteps.shape[0]
         return original_samples + noise * broadcast_to(sigmas[indices], original_samples)
+
+
+# -- multistep exponential integrators (DPM-Solver, UniPC, DEIS) ---------------------------------------------
+#
+# These solvers work in lambda = log(alpha_t / sigma_t), half the log signal-to-noise ratio. There the linear
+# part of the probability-flow ODE is solved exactly and only the network's prediction, as a function of
+# lambda, is approximated by a polynomial through the last few model outputs.
+
+def multistep_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0,
+                        last_timestep: int | None = None) -> np.ndarray:
+    """Descending int64 timesteps of the multistep solvers.
+
+    They lay n + 1 points over [0, last_timestep) and drop the lowest, so even the last step has a lower noise
+    level left to move to. ``last_timestep`` (default: all of training) cuts off steps whose lambda is too small.
+    """
+    n, T = num_inference_steps, num_train_timesteps
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+    if n > T:
+        raise ValueError(f"num_inference_steps={n} is larger than num_train_timesteps={T}: "
+                         f"the model only knows {T} noise levels")
+    last = T if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        return np.arange(n, 0, -1) * (last // (n + 1)) + steps_offset
+    if spacing == "trailing":
+        return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {list(TIMESTEP_SPACINGS)}")
+
+
+def shifted_flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """Descending flow-matching sigmas t' = shift t / (1 + (shift - 1) t), from 1 - 1/T, without the final zero."""
+    t = 1.0 - np.linspace(1, 1 / num_train_timesteps, num_inference_steps + 1)
+    return np.flip(shift * t / (1 + (shift - 1) * t))[:-1].copy()
+
+
+class VPMultistepMixin(StepIndexMixin):
+    """What DPM-Solver, UniPC and DEIS share: the training noise schedule, turning a model output into a data
+    or noise prediction, and forward noising.
+
+    ``self.sigmas`` holds the noise-to-signal ratios sigma / alpha of the visited levels (one more than the
+    steps). A variance-preserving latent is x = alpha (x0 + sigma eps) with alpha = 1 / sqrt(sigma^2 + 1);
+    with ``use_flow_sigmas`` the sigmas are flow-matching times instead and x = (1 - sigma) x0 + sigma eps.
+    """
+
+    def _build_noise_schedule(self, rescale_betas_zero_snr: bool = False) -> None:
+        c = self.config
+        if c.solver_order < 1:
+            raise ValueError(f"solver_order must be at least 1, got {c.solver_order}")
+        if c.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError(f"prediction_type={c.prediction_type!r} is not supported; use 'epsilon', 'sample', "
+                             "'v_prediction' or 'flow_prediction'")
+        check_one_sigma_option(c)
+        self.betas = make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas)
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            # zero terminal SNR would put the first sigma at infinity; the smallest fp16 subnormal keeps it finite
+            self.alphas_cumprod[-1] = 2**-24
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.sigmas = torch.from_numpy(sigmas_from_alphas_cumprod(self.alphas_cumprod))
+        self.init_noise_sigma = 1.0
+        # Until set_timesteps runs, the schedule is every training step.
+        self.num_inference_steps = None
+        T = c.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy())
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Start a fresh run. Everything per-run is rebound, never mutated, so copies of a scheduler stay apart."""
+        self.model_outputs = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _store_run_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, device) -> None:
+        # sigmas stay on the CPU: the solvers read them as Python floats, with no device round trip per step
+        self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self._reset_run_state()
+
+    def _training_log_sigmas(self) -> tuple[np.ndarray, np.ndarray]:
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
+        return sigmas, np.log(sigmas)
+
+    # -- noise levels as numbers ---------------------------------------------------------------------------
+
+    def _alpha_sigma(self, sigma: float) -> tuple[float, float]:
+        """(alpha_t, sigma_t) of the latent x = alpha_t x0 + sigma_t eps at ladder value ``sigma``.
+
+        Computed in float32, as the reference does: at high noise x0 = (x - sigma_t eps) / alpha_t cancels
+        almost completely, so one float32 rounding of sigma_t more or less shows in the result.
+        """
+        s = torch.tensor(sigma, dtype=torch.float32)
+        if self.config.use_flow_sigmas:
+            return (1 - s).item(), sigma
+        alpha = 1 / (s**2 + 1) ** 0.5
+        return alpha.item(), (s * alpha).item()
+
+    def _lambda(self, sigma: float) -> float:
+        """Half log-SNR log(alpha_t / sigma_t) (float32, like the reference); +inf at sigma = 0."""
+        alpha, sigma_t = torch.tensor(self._alpha_sigma(sigma), dtype=torch.float32)
+        return (torch.log(alpha) - torch.log(sigma_t)).item()
+
+    def _ladder(self, index: int) -> float:
+        return self.sigmas[index].item()
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """Position of ``timestep`` in the run, its first occurrence.
+
+        A multistep run visits each entry once, and truncated fractional timesteps can repeat (a Karras ladder
+        on the cosine schedule starts [998, 998, ...]): a fresh run must begin at the first, not the second as
+        for the doubled timesteps of Heun-type schedules, or it steps past its end.
+        """
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        matches = (schedule_timesteps == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {float(timestep):g} is not one of this scheduler's timesteps; "
+                             "pass a value from scheduler.timesteps")
+        return matches[0].item()
+
+    # -- what the network predicted ------------------------------------------------------------------------
+
+    def _mean_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Drop the variance channels of a model trained with a learned variance (the mean comes first)."""
+        if self.config.variance_type in ("learned", "learned_range"):
+            return model_output[:, : sample.shape[1]]
+        return model_output
+
+    def _data_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0 implied by the model output at the current step, thresholded if the config asks."""
+        c = self.config
+        sigma = self._ladder(self._step_index)
+        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        if c.prediction_type == "epsilon":
+            x0 = (sample - sigma_t * model_output) / alpha_t
+        elif c.prediction_type == "sample":
+            x0 = model_output
+        elif c.prediction_type == "v_prediction":  # v = alpha eps - sigma x0
+            x0 = alpha_t * sample - sigma_t * model_output
+        else:  # flow_prediction: the velocity eps - x0 of x = (1 - sigma) x0 + sigma eps
+            x0 = sample - sigma * model_output
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        return x0
+
+    def _noise_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """eps implied by the model output at the current step; thresholding clips the x0 it implies."""
+        c = self.config
+        alpha_t, sigma_t = self._alpha_sigma(self._ladder(self._step_index))
+        if c.prediction_type == "epsilon":
+            eps = model_output
+        elif c.prediction_type == "sample":
+            eps = (sample - alpha_t * model_output) / sigma_t
+        elif c.prediction_type == "v_prediction":
+            eps = alpha_t * model_output + sigma_t * sample
+        else:
+            raise ValueError(f"prediction_type={c.prediction_type!r} needs a data-prediction solver; "
+                             f"{type(self).__name__} is set up to integrate the noise prediction")
+        if c.thresholding:
+            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+            eps = (sample - alpha_t * x0) / sigma_t
+        return eps
+
+    # -- the public odds and ends --------------------------------------------------------------------------
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """These solvers feed the latent to the model as it is."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        device, dtype = original_samples.device, original_samples.dtype
+        timesteps = timesteps.to(device)
+        if self.num_inference_steps is None:
+            # No run is set up: noise at the training timesteps themselves.
+            indices = timesteps.long().cpu()
+        elif self._begin_index is None:
+            schedule = self.timesteps.to(device)
+            if device.type == "mps" and torch.is_floating_point(timesteps):
+                schedule, timesteps = schedule.to(torch.float32), timesteps.to(torch.float32)  # mps has no float64
+            indices = [self.index_for_timestep(t, schedule) for t in timesteps]
+        else:
+            # img2img starts where the pipeline fixed the start; inpainting re-noises at the current step
+            start = self._step_index if self._step_index is not None else self._begin_index
+            indices = [start] * timesteps.shape[0]
+        sigma = broadcast_to(self.sigmas[indices].to(device=device, dtype=dtype), original_samples)
+        if self.config.use_flow_sigmas:
+            alpha_t, sigma_t = 1 - sigma, sigma
+        else:
+            alpha_t = 1 / (sigma**2 + 1) ** 0.5
+            sigma_t = sigma * alpha_t
+        return alpha_t * original_samples + sigma_t * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def exp_integrator_weights(z: float, count: int) -> list[float]:
+    """[J_0(z), ..., J_{count-1}(z)] with J_k(z) = z phi_{k+1}(z), the exponential-integrator weights.
+
+    J_k(z) = z * integral_0^1 e^{z (1 - s)} s^k / k! ds, so J_0 = e^z - 1 and J_k = J_{k-1} / z - 1 / k!.
+    """
+    weights = [math.expm1(z)]
+    for k in range(1, count):
+        weights.append(weights[-1] / z - 1 / math.factorial(k))
+    return weights
