@@ -13,14 +13,18 @@ own, which then appear in the model's state dict under ``<attention path>.proces
         -> hidden_states
 
 - ``attn`` is the calling ``Attention``: use its projections (``attn.to_q`` ... ``attn.to_out[0]``, then the
-  dropout ``attn.to_out[1]``), ``attn.heads``, ``attn.group_norm``, ``attn.residual_connection``,
-  ``attn.rescale_output_factor``, and the helpers ``attn.attend(q, k, v, mask)`` (split heads, scaled
-  dot-product attention, merge heads) and ``attn.spatial_in`` / ``attn.spatial_out``.
+  dropout ``attn.to_out[1]``), ``attn.heads``, ``attn.cross_attention_dim`` (the context width ``to_k``
+  takes), ``attn.group_norm``, ``attn.residual_connection``, ``attn.rescale_output_factor``, and the helpers
+  ``attn.attend(q, k, v, mask)`` (split heads, scaled dot-product attention, merge heads) and
+  ``attn.spatial_in`` / ``attn.spatial_out`` (feature map <-> group-normed tokens).
 - ``hidden_states`` is ``(batch, tokens, query_dim)``, or ``(batch, channels, height, width)`` for the
   self-attention of VAE / UNet2D blocks.
 - ``encoder_hidden_states`` is ``None`` for self-attention, else ``(batch, context_tokens, cross_dim)``. With an
   IP-Adapter image projection on the UNet (``encoder_hid_dim_type="ip_image_proj"``) it is the tuple
-  ``(text_states, [image_states, ...])``; the default processor refuses it, an IP-Adapter processor unpacks it.
+  ``(text_states, image_states)``, ``image_states`` being what ``unet.encoder_hid_proj`` returns for
+  ``added_cond_kwargs["image_embeds"]`` (a list, one entry per IP-Adapter, with diffusers' loader layout);
+  the default processor refuses it, an IP-Adapter processor unpacks it.
+- ``temb`` is never passed by diffloom's models; it stays in the signature so diffusers-style processors fit.
 - ``attention_mask`` is an additive bias ``(batch, 1 or query_tokens, key_tokens)`` (0 keeps a token, -10000
   drops it), or ``(batch * heads, ...)`` for a per-head bias.
 - ``**kwargs`` are the caller's ``cross_attention_kwargs`` (from ``unet(..., cross_attention_kwargs=...)``).
@@ -40,7 +44,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,8 +70,10 @@ class AttnProcessor:
 
 
 def _accepted_kwargs(processor) -> frozenset[str] | None:
-    """The keyword names a processor takes beyond the fixed ones; None when it takes ``**kwargs``."""
-    params = inspect.signature(processor).parameters.values()
+    """The keyword names a processor takes; None when it takes ``**kwargs``."""
+    # A module is called through nn.Module.__call__(*args, **kwargs): its real signature is forward's.
+    params = inspect.signature(processor.forward if isinstance(processor, nn.Module) else processor).parameters
+    params = params.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params)
@@ -79,8 +84,9 @@ class Attention(nn.Module):
 
     ``norm_num_groups`` adds the group norm of VAE / UNet2D attention (applied to the query input only), and
     ``residual_connection`` / ``rescale_output_factor`` give those blocks' ``(attn(x) + x) / factor``.
-    ``upcast_attention`` is recorded for configs that ask for it: the fused attention kernels already keep the
-    softmax in float32, which is what the flag was introduced for.
+    ``upcast_attention`` is kept for the configs that carry it (SD 2.1). As with diffusers' scaled-dot-product
+    processor it changes nothing: precision is left to ``scaled_dot_product_attention``, whose fused kernels
+    accumulate the softmax in float32.
     """
 
     def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64,
@@ -90,8 +96,6 @@ class Attention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
-        self.inner_dim = inner_dim
-        self.is_cross_attention = cross_attention_dim is not None
         self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.upcast_attention = upcast_attention
         self.residual_connection = residual_connection
@@ -164,9 +168,10 @@ class Attention(nn.Module):
                 mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
             else:  # one bias for all heads
                 mask = attention_mask.unsqueeze(1)
-            mask = mask.to(query.dtype)
+            if mask.is_floating_point():
+                mask = mask.to(query.dtype)
         out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
-        return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
+        return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3])
 
 
 class AttentionProcessorMixin:

@@ -38,9 +38,13 @@ class UNet2DConditionOutput(BaseOutput):
 
 def _spatial_transformers(channels, heads, layers, num_resnets, groups, cross_attention_dim,
                           use_linear_projection, only_cross_attention, upcast_attention) -> nn.ModuleList:
-    """One spatial transformer after each resnet; ``layers`` is their depth, one int or one per resnet."""
+    """One spatial transformer after each resnet; ``layers`` is their depth, one int or one per resnet (a longer
+    list is cut: the middle block takes one transformer from the last stage's list)."""
     if isinstance(layers, int):
         layers = [layers] * num_resnets
+    if len(layers) < num_resnets:
+        raise ValueError(f"transformer depths {list(layers)} name fewer than the {num_resnets} layers of the block")
+    layers = layers[:num_resnets]
     return nn.ModuleList(
         SpatialTransformer(heads, channels // heads, in_channels=channels, num_layers=depth,
                            norm_num_groups=groups, cross_attention_dim=cross_attention_dim,
@@ -200,6 +204,33 @@ def build_mid_block(mid_block_type, channels, temb_channels, transformer_layers,
     return None
 
 
+def build_up_blocks(up_block_types, block_out_channels, layers_per_block, up_transformer_layers, num_attention_heads,
+                    cross_attention_dim, only_cross_attention, temb_channels, *, norm_eps, act_fn, norm_num_groups,
+                    dropout, use_linear_projection, upcast_attention, resnet_time_scale_shift) -> nn.ModuleList:
+    """The up path, mirroring the down path (per-stage lists are in down-path order, except
+    ``up_transformer_layers``, which is in up-path order). Each stage has one resnet more than its mirror, to
+    take the skip of the mirror's downsampler (or of ``conv_in``)."""
+    n = len(up_block_types)
+    channels = list(block_out_channels)[::-1]
+    blocks = []
+    for i, block_type in enumerate(up_block_types):
+        j = n - 1 - i  # the down stage this up stage mirrors
+        common = dict(in_channels=channels[min(i + 1, n - 1)], out_channels=channels[i],
+                      prev_output_channel=channels[max(i - 1, 0)], temb_channels=temb_channels, dropout=dropout,
+                      num_layers=layers_per_block[j] + 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
+                      add_upsample=i < n - 1)
+        if block_type == "CrossAttnUpBlock2D":
+            blocks.append(CrossAttnUpBlock2D(
+                **common, transformer_layers_per_block=up_transformer_layers[i],
+                num_attention_heads=num_attention_heads[j], cross_attention_dim=cross_attention_dim[j],
+                use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention[j],
+                upcast_attention=upcast_attention))
+        else:
+            blocks.append(UpBlock2D(**common))
+    return nn.ModuleList(blocks)
+
+
 # -- the conditioning vector -----------------------------------------------------------------------------------
 
 
@@ -266,7 +297,9 @@ class ConditioningEmbeddings:
                                  "projection_class_embeddings_input_dim")
             self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
             self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
-        elif addition_embed_type is not None:
+        elif addition_embed_type is None:
+            self.add_time_proj = self.add_embedding = None
+        else:
             raise ValueError(f"addition_embed_type={addition_embed_type!r}: diffloom builds 'text_time' (SDXL) "
                              f"or None")
         self.time_embed_act = activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
@@ -408,23 +441,8 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbe
                                          heads[-1], context_dims[-1], mid_block_scale_factor=mid_block_scale_factor,
                                          **shared)
 
-        # The up path mirrors the down path; each stage has one resnet more, to take the downsampler's skip.
-        up_channels = list(block_out_channels)[::-1]
-        self.up_blocks = nn.ModuleList()
-        for i, block_type in enumerate(up_block_types):
-            j = n - 1 - i  # the down stage this up stage mirrors
-            common = dict(in_channels=up_channels[min(i + 1, n - 1)], out_channels=up_channels[i],
-                          prev_output_channel=up_channels[max(i - 1, 0)], temb_channels=temb_channels,
-                          dropout=dropout, num_layers=layers[j] + 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                          resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
-                          add_upsample=i < n - 1)
-            if block_type == "CrossAttnUpBlock2D":
-                self.up_blocks.append(CrossAttnUpBlock2D(
-                    **common, transformer_layers_per_block=up_depths[i], num_attention_heads=heads[j],
-                    cross_attention_dim=context_dims[j], use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross[j], upcast_attention=upcast_attention))
-            else:
-                self.up_blocks.append(UpBlock2D(**common))
+        self.up_blocks = build_up_blocks(up_block_types, block_out_channels, layers, up_depths, heads, context_dims,
+                                         only_cross, temb_channels, **shared)
         self.num_upsamplers = n - 1
 
         if norm_num_groups is not None:

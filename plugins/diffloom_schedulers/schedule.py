@@ -84,7 +84,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """Noise-to-signal ratio sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) as a float32 array, t ascending."""
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy().copy()
 
 
 # -- inference timesteps -------------------------------------------------------------------------------------
