@@ -46,9 +46,12 @@ def register_models(register):
 
 @hookspec
 def register_adapters(register):
-    """Register adapter loaders: ``register("lora", "pkg.mod:LoraAdapter")``.
+    """Register adapters: ``register("lora", "pkg.mod:LoraAdapter", methods=["load_lora_weights", ...])``.
 
-    Pipelines delegate ``load_lora_weights`` and friends to the adapter registered under that kind.
+    ``methods`` are the pipeline methods the adapter provides. ``pipe.load_lora_weights(...)`` creates one
+    ``LoraAdapter(pipe)`` per pipeline (kept for its lifetime, shared by ``from_pipe``) and calls its
+    ``load_lora_weights(...)``. Adapters attach to models only through documented extension points: torch
+    forward hooks on linear/conv layers, and attention processors (``set_attn_processor``).
     """
 
 

@@ -27,7 +27,11 @@ from .registry import RegistryError, registry
 
 # Libraries whose class names diffloom serves itself: a folder written by diffusers says "diffusers".
 _OWN_LIBRARIES = ("diffusers", "diffloom")
-_PICKLE_PATTERNS = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl")
+# The adapter methods diffusers users call; named here only to explain their absence clearly.
+_ADAPTER_METHODS = ("load_lora_weights", "set_adapters", "fuse_lora", "unfuse_lora", "unload_lora_weights",
+                    "delete_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora",
+                    "load_textual_inversion", "unload_textual_inversion", "load_ip_adapter", "set_ip_adapter_scale",
+                    "unload_ip_adapter")
 
 
 @dataclass
@@ -108,7 +112,24 @@ class DiffusionPipeline(ConfigMixin):
             if call is not None and call.pipe is self and name in call.components:
                 return call.components[name]
             return components[name]
+        if components is not None and not name.startswith("_"):
+            method = self._adapter_method(name)
+            if method is not None:
+                return method
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _adapter_method(self, name):
+        """``pipe.load_lora_weights`` and friends: delegated to the adapter plugin that provides them."""
+        for entry in registry.entries("adapter"):
+            if name in entry.meta.get("methods", ()):
+                adapters = self.__dict__.setdefault("_adapters", {})
+                if entry.name not in adapters:
+                    adapters[entry.name] = entry.load()(self)
+                return getattr(adapters[entry.name], name)
+        if name in _ADAPTER_METHODS:
+            raise AttributeError(f"{type(self).__name__}.{name} is provided by an adapter plugin, and none that "
+                                 f"provides it is installed or allowed (see `diffloom plugins`)")
+        return None
 
     def __setattr__(self, name, value):
         components = self.__dict__.get("_components")
@@ -380,6 +401,8 @@ class DiffusionPipeline(ConfigMixin):
         if "_name_or_path" in pipeline.config:
             pipe.register_to_config(_name_or_path=pipeline.config["_name_or_path"])
         pipe.hooks = list(pipeline.hooks)
+        # Adapters live on the shared modules, so their bookkeeping is shared too.
+        pipe.__dict__["_adapters"] = pipeline.__dict__.setdefault("_adapters", {})
         pipe.set_progress_bar_config(**pipeline._progress_bar_config)
         if torch_dtype is not None:
             pipe.to(as_dtype(torch_dtype))
