@@ -190,6 +190,10 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         alpha_s0, sd_s0 = self._alpha_sigma(sigma_s[0])
         lam = [self._lambda(s) for s in sigma_s]
         h = self._lambda(sigma_t) - lam[0]
+        if h == 0:
+            # A zero-length step (a Karras ladder ending on sigma_min repeats it) leaves the sample as it is;
+            # the divided differences below would divide by h.
+            return sample
 
         m = self.model_outputs[::-1]  # newest first
         D = [m[0]]

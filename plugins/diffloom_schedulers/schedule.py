@@ -478,6 +478,17 @@ def shifted_flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shif
     return np.flip(shift * t / (1 + (shift - 1) * t))[:-1].copy()
 
 
+def exp_integrator_weights(z: float, count: int) -> list[float]:
+    """[J_0(z), ..., J_{count-1}(z)] with J_k(z) = z phi_{k+1}(z), the exponential-integrator weights.
+
+    J_k(z) = z * integral_0^1 e^{z (1 - s)} s^k / k! ds, so J_0 = e^z - 1 and J_k = J_{k-1} / z - 1 / k!.
+    """
+    weights = [math.expm1(z)]
+    for k in range(1, count):
+        weights.append(weights[-1] / z - 1 / math.factorial(k))
+    return weights
+
+
 class VPMultistepMixin(StepIndexMixin):
     """What DPM-Solver, UniPC and DEIS share: the training noise schedule, turning a model output into a data
     or noise prediction, and forward noising.
@@ -644,13 +655,3 @@ class VPMultistepMixin(StepIndexMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-
-def exp_integrator_weights(z: float, count: int) -> list[float]:
-    """[J_0(z), ..., J_{count-1}(z)] with J_k(z) = z phi_{k+1}(z), the exponential-integrator weights.
-
-    J_k(z) = z * integral_0^1 e^{z (1 - s)} s^k / k! ds, so J_0 = e^z - 1 and J_k = J_{k-1} / z - 1 / k!.
-    """
-    weights = [math.expm1(z)]
-    for k in range(1, count):
-        weights.append(weights[-1] / z - 1 / math.factorial(k))
-    return weights

@@ -86,6 +86,8 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
             raise ValueError(f"time_shift_type={time_shift_type!r} is not supported; use 'exponential' or 'linear'")
         if not predict_x0 and prediction_type == "flow_prediction":
             raise ValueError("prediction_type='flow_prediction' needs predict_x0=True")
+        # Any scheduler can stand in for UniP ("solver_p + UniC"); an attribute, so a per-call copy gets its own.
+        self.solver_p = solver_p
         self._build_noise_schedule(rescale_betas_zero_snr)
 
     def _reset_run_state(self) -> None:
@@ -142,6 +144,9 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
                 sigmas = c.flow_shift * sigmas / (1 + (c.flow_shift - 1) * sigmas)
             if c.shift_terminal:
                 # stretch so the last sigma lands on shift_terminal (LTX-Video)
+                if sigmas[-1] == 1:
+                    raise ValueError("shift_terminal cannot stretch a schedule whose last sigma is 1 (a single "
+                                     "step from pure noise); use more steps or leave shift_terminal None")
                 scale = (1 - sigmas[-1]) / (1 - c.shift_terminal)
                 sigmas = 1 - (1 - sigmas) / scale
             if abs(sigmas[0] - 1) < 1e-6:
@@ -155,8 +160,8 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         if c.final_sigmas_type == "zero":
             final = 0.0
         self._store_run_schedule(timesteps, np.concatenate([sigmas, [final]]), device)
-        if c.solver_p is not None:
-            c.solver_p.set_timesteps(self.num_inference_steps, device=device)
+        if self.solver_p is not None:
+            self.solver_p.set_timesteps(self.num_inference_steps, device=device)
 
     def _time_shift(self, mu: float, t: np.ndarray) -> np.ndarray:
         if self.config.time_shift_type == "exponential":
@@ -185,16 +190,18 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         alpha_s0, sd_s0 = self._alpha_sigma(sigma_s0)
         lam_s0 = self._lambda(sigma_s0)
         h = self._lambda(sigma_t) - lam_s0
+        if h == 0:
+            return x  # a zero-length step (the repeated last sigma of a respaced ladder) moves nothing
         m0 = outputs[0]
 
         if c.predict_x0:
             hh, scale = -h, alpha_t
-            # alpha_t (e^{-h} - 1), written without e^{-h} = (alpha_s0 sigma_t) / (sigma_s0 alpha_t)
-            x_t = (sd_t / sd_s0) * x - (sd_t * alpha_s0 / sd_s0 - alpha_t) * m0
+            x_t = (sd_t / sd_s0) * x - (alpha_t * math.expm1(hh)) * m0
         else:
             hh, scale = h, sd_t
-            # sigma_t (e^h - 1) in a form that stays finite at sigma_t = 0
-            x_t = (alpha_t / alpha_s0) * x - (alpha_t * sd_s0 / alpha_s0 - sd_t) * m0
+            # sigma_t (e^h - 1) tends to alpha_t sigma_s0 / alpha_s0 as sigma_t -> 0 (h -> inf)
+            first = sd_t * math.expm1(hh) if sd_t > 0 else alpha_t * sd_s0 / alpha_s0
+            x_t = (alpha_t / alpha_s0) * x - first * m0
 
         if this_output is None and order == 1:
             return x_t.to(x.dtype)
@@ -241,8 +248,8 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         self.this_order = min(order, self.lower_order_nums + 1)  # warm-up: an order-p step needs p outputs
         self.last_sample = sample
 
-        if c.solver_p is not None:
-            prev_sample = c.solver_p.step(model_output, timestep, sample).prev_sample
+        if self.solver_p is not None:
+            prev_sample = self.solver_p.step(model_output, timestep, sample).prev_sample
         else:
             history = self.model_outputs[::-1][: self.this_order]
             prev_sample = self._bh_update(sample, [i - k for k in range(self.this_order)], i + 1, history)
