@@ -18,8 +18,8 @@ from diffloom.outputs import BaseOutput
 from diffloom.randomness import randn_tensor
 
 from .attention import AttentionProcessorMixin
-from .blocks import Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D, rename_legacy_attention_keys, \
-    spatial_attention
+from .blocks import (Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D, rename_legacy_attention_keys,
+                     spatial_attention)
 
 
 class DiagonalGaussianDistribution:
@@ -122,7 +122,7 @@ _DOWN_BLOCKS = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
 _UP_BLOCKS = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
 
 
-def _with_attention(block_type: str, known: dict, key: str) -> bool:
+def _has_attention(block_type: str, known: dict, key: str) -> bool:
     if block_type not in known:
         raise ValueError(f"{key} entry {block_type!r} is not supported by AutoencoderKL; use one of {list(known)}")
     return known[block_type]
@@ -140,7 +140,7 @@ class Encoder(nn.Module):
             self.down_blocks.append(DownEncoderBlock2D(
                 channels, out, layers_per_block, norm_num_groups, act_fn,
                 add_downsample=i < len(block_out_channels) - 1,
-                with_attention=_with_attention(block_type, _DOWN_BLOCKS, "down_block_types")))
+                with_attention=_has_attention(block_type, _DOWN_BLOCKS, "down_block_types")))
             channels = out
         self.mid_block = UNetMidBlock2D(channels, temb_channels=None, resnet_eps=1e-6, resnet_act_fn=act_fn,
                                         resnet_groups=norm_num_groups, attention_head_dim=channels,
@@ -174,7 +174,7 @@ class Decoder(nn.Module):
             self.up_blocks.append(UpDecoderBlock2D(
                 channels, out, layers_per_block + 1, norm_num_groups, act_fn,
                 add_upsample=i < len(block_out_channels) - 1,
-                with_attention=_with_attention(block_type, _UP_BLOCKS, "up_block_types")))
+                with_attention=_has_attention(block_type, _UP_BLOCKS, "up_block_types")))
             channels = out
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_act = nn.SiLU()

@@ -6,6 +6,8 @@ Other model files may import from here:
 - ``timestep_embedding(...)``, ``Timesteps``, ``GaussianFourierProjection``, ``TimestepEmbedding``: turning a
   timestep (or noise level) into a vector;
 - ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``, ``fir_downsample``, ``fir_upsample``;
+- ``spatial_attention(channels, head_dim, groups, eps)``: the GroupNorm'd, residual self-attention over pixels
+  used by the VAE and UNet2D stages (an ``Attention`` from attention.py);
 - the plain UNet stages ``DownBlock2D``, ``UpBlock2D``, ``AttnDownBlock2D``, ``AttnUpBlock2D``,
   ``ResnetDownsampleBlock2D``, ``ResnetUpsampleBlock2D`` and ``UNetMidBlock2D``;
 - ``rename_legacy_attention_keys(model, state_dict)``: old checkpoints name the spatial self-attention
