@@ -102,7 +102,9 @@ def pt_to_numpy(images: torch.Tensor) -> np.ndarray:
 
 def is_valid_image(image) -> bool:
     """A PIL image, or one image as a 2-D (grayscale) or 3-D array/tensor."""
-    return isinstance(image, PIL.Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3))
+    if isinstance(image, PIL.Image.Image):
+        return True
+    return isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)
 
 
 def is_valid_image_imagelist(images) -> bool:

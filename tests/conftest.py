@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny pipeline folders written by diffusers, built once per test session."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so test files can `import tiny`
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """A tiny Stable Diffusion (text-to-image) folder, 4-channel UNet, no safety checker."""
+    return tiny.save_sd_folder(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_inpaint_path(tmp_path_factory):
+    """A tiny Stable Diffusion inpainting folder (9-channel UNet)."""
+    return tiny.save_sd_folder(tmp_path_factory.mktemp("tiny-sd-inpaint") / "pipe", in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_path(tmp_path_factory):
+    """A tiny DDPM folder (pixel-space UNet2DModel, 8x8 RGB)."""
+    return tiny.save_ddpm_folder(tmp_path_factory.mktemp("tiny-ddpm") / "pipe")
