@@ -310,7 +310,7 @@ class DiffusionPipeline(ConfigMixin):
         index_path = hub.resolve_file(source, cls.config_name, **hub_kwargs)
         config = read_json(index_path)
         pipeline_class = cls._pipeline_class_for(config, index_path, custom_pipeline, custom_revision,
-                                                 trust_remote_code, source)
+                                                 trust_remote_code, source, hub_kwargs)
         required, optional = _init_parameters(pipeline_class)
         folder_names = [n for n in required + optional if isinstance(config.get(n), (list, tuple))]
         patterns = ["*.json", "*.txt", "*.model", "*.py"] + [f"{n}/*" for n in folder_names]
@@ -318,7 +318,8 @@ class DiffusionPipeline(ConfigMixin):
         return pipeline_class._build(root, config, index_path, kwargs, allow_pickle, source)
 
     @classmethod
-    def _pipeline_class_for(cls, config, index_path, custom_pipeline, custom_revision, trust_remote_code, source):
+    def _pipeline_class_for(cls, config, index_path, custom_pipeline, custom_revision, trust_remote_code, source,
+                            hub_kwargs):
         if custom_pipeline is not None:
             from .remote_code import load_custom_pipeline
 
@@ -328,7 +329,8 @@ class DiffusionPipeline(ConfigMixin):
         if isinstance(class_name, (list, tuple)):
             from .remote_code import load_pipeline_from_repo_module
 
-            return load_pipeline_from_repo_module(class_name, source, trust_remote_code=trust_remote_code)
+            return load_pipeline_from_repo_module(class_name, source, trust_remote_code=trust_remote_code,
+                                                  **hub_kwargs)
         if not cls._is_generic_loader():
             return cls
         if not isinstance(class_name, str):
