@@ -57,6 +57,8 @@ class CallState:
     ``tensors`` holds the named tensors a ``callback_on_step_end`` may read and replace (``latents``,
     ``prompt_embeds``...): pipelines read them from here each step, so a replacement takes effect.
     ``components`` holds per-call replacements of pipeline components (the call's own scheduler copy).
+    ``settings`` holds the keyword arguments given to ``start_call`` (also readable as attributes) and any
+    other per-call values a pipeline keeps while it runs (``call.settings["image_latents"] = ...``).
     """
 
     def __init__(self, pipe, *, guidance_scale=1.0, hooks=(), callback=None, callback_tensor_inputs=None,

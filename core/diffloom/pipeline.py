@@ -239,7 +239,10 @@ class DiffusionPipeline(ConfigMixin):
         call.num_timesteps = len(timesteps)
         call.tensors["latents"] = latents
         order = getattr(self.scheduler, "order", 1)
-        with self.progress_bar(total=len(timesteps)) as bar:
+        n = len(timesteps)
+        # The bar counts solver steps, not model calls (a second-order scheduler makes two per step).
+        ticks = [i == n - 1 or (i + 1 > num_warmup_steps and (i + 1) % order == 0) for i in range(n)]
+        with self.progress_bar(total=sum(ticks)) as bar:
             for i, t in enumerate(timesteps):
                 if call.interrupt:
                     continue
@@ -255,7 +258,7 @@ class DiffusionPipeline(ConfigMixin):
                 call.tensors["latents"] = step.latents
                 hook.on_step_end(pipe=self, call=call, step=step)
                 call.tensors["latents"] = step.latents
-                if i == len(timesteps) - 1 or (i + 1 > num_warmup_steps and (i + 1) % order == 0):
+                if ticks[i]:
                     bar.update()
         return call.tensors["latents"]
 
