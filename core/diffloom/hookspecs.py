@@ -52,6 +52,10 @@ def register_adapters(register):
     ``LoraAdapter(pipe)`` per pipeline (kept for its lifetime, shared by ``from_pipe``) and calls its
     ``load_lora_weights(...)``. Adapters attach to models only through documented extension points: torch
     forward hooks on linear/conv layers, and attention processors (``set_attn_processor``).
+
+    ``class_methods`` name class-level entry points the core declares with
+    :func:`diffloom.registry.delegated_classmethod` (``from_single_file``): ``Pipeline.from_single_file(...)``
+    calls ``Target.from_single_file(Pipeline, ...)`` of the plugin that lists it.
     """
 
 

@@ -41,14 +41,14 @@ def resolve_file(path_or_repo, filename: str, subfolder: str | None = None, *, r
         return Path(hf_hub_download(path_or_repo, filename, subfolder=subfolder or None, revision=revision,
                                     cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                                     force_download=force_download))
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: catch it first
+        raise LoadError(f"{path_or_repo} is not a local folder and {filename} is not in the Hub cache "
+                        f"({'offline mode' if _offline() or local_files_only else e})") from None
     except EntryNotFoundError:
         where = f"{subfolder}/{filename}" if subfolder else filename
         raise LoadError(f"Hub repo {path_or_repo} has no file {where}") from None
     except RepositoryNotFoundError:
         raise LoadError(f"{path_or_repo} is not a local folder and no Hub repo of that name exists") from None
-    except LocalEntryNotFoundError as e:
-        raise LoadError(f"{path_or_repo} is not a local folder and {filename} is not in the Hub cache "
-                        f"({'offline mode' if _offline() or local_files_only else e})") from None
 
 
 def file_exists(path_or_repo, filename: str, subfolder: str | None = None, **hub_kwargs) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from . import hub
 from .configuration import ConfigMixin
+from .registry import delegated_classmethod
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -186,6 +187,9 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         model.load_weights(state_dict, source=files[0] if len(files) == 1 else files[0].parent, dtype=torch_dtype)
         model.eval()
         return model
+
+    # A single checkpoint file in the original Stable Diffusion layout, read by a plugin.
+    from_single_file = delegated_classmethod("from_single_file")
 
     def load_weights(self, state_dict: dict, source="state dict", dtype: torch.dtype | None = None):
         """Assign ``state_dict`` into this (possibly meta-built) model; every mismatch is named.

@@ -23,7 +23,7 @@ from .configuration import DIFFUSERS_FORMAT_VERSION, ConfigError, ConfigMixin, r
 from .loop import CallState, StepState, current_call
 from .modeling import as_dtype
 from .outputs import BaseOutput
-from .registry import RegistryError, registry
+from .registry import RegistryError, delegated_classmethod, registry
 
 # Libraries whose class names diffloom serves itself: a folder written by diffusers says "diffusers".
 _OWN_LIBRARIES = ("diffusers", "diffloom")
@@ -319,6 +319,9 @@ class DiffusionPipeline(ConfigMixin):
         patterns = ["*.json", "*.txt", "*.model", "*.py"] + [f"{n}/*" for n in folder_names]
         root = hub.resolve_folder(source, allow_patterns=patterns, **hub_kwargs)
         return pipeline_class._build(root, config, index_path, kwargs, allow_pickle, source)
+
+    # A single checkpoint file in the original Stable Diffusion layout, read by a plugin.
+    from_single_file = delegated_classmethod("from_single_file")
 
     @classmethod
     def _pipeline_class_for(cls, config, index_path, custom_pipeline, custom_revision, trust_remote_code, source,

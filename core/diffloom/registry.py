@@ -257,3 +257,22 @@ class Registry:
 
 
 registry = Registry()
+
+
+def delegated_classmethod(name: str):
+    """A classmethod of a core base class whose body a plugin supplies.
+
+    An adapter plugin that registers ``class_methods=[name]`` provides ``Target.name(cls, *args, **kwargs)``;
+    ``SomePipeline.name(...)`` calls it with the class it was called on. This is how ``from_single_file``
+    reaches every pipeline and model without the core knowing the single-file layout.
+    """
+
+    def method(cls, *args, **kwargs):
+        for entry in registry.entries("adapter"):
+            if name in entry.meta.get("class_methods", ()):
+                return getattr(entry.load(), name)(cls, *args, **kwargs)
+        raise AttributeError(f"{cls.__name__}.{name} is provided by a plugin, and none that provides it is "
+                             f"installed or allowed (see `diffloom plugins`)")
+
+    method.__name__ = method.__qualname__ = name
+    return classmethod(method)
