@@ -204,3 +204,187 @@ def mask(height=IMAGE_HEIGHT, width=IMAGE_WIDTH, box=(8, 8, 24, 24)):
     m = PIL.Image.new("L", (width, height), 0)
     PIL.ImageDraw.Draw(m).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=255)
     return m
+
+
+# -- Stable Diffusion XL ----------------------------------------------------------------------------------------
+
+ADDITION_TIME_EMBED_DIM = 8
+
+
+def clip_text_encoder_with_projection(tokenizer, seed=0, hidden_size=TEXT_HIDDEN):
+    """The second SDXL text encoder: CLIP with a projected pooled output (``text_embeds``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                            projection_dim=hidden_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return _perturbed(CLIPTextModelWithProjection(config), seed + 100)
+
+
+def sdxl_unet_config(in_channels=4, refiner=False) -> dict:
+    """A tiny SDXL UNet: "text_time" added embedding, context of both encoders (or, for the refiner, the
+    second only) and five (refiner: aesthetic score) or six time ids."""
+    context = TEXT_HIDDEN if refiner else 2 * TEXT_HIDDEN
+    time_ids = 5 if refiner else 6
+    return dict(unet_config(in_channels), cross_attention_dim=context, addition_embed_type="text_time",
+                addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+                projection_class_embeddings_input_dim=time_ids * ADDITION_TIME_EMBED_DIM + TEXT_HIDDEN)
+
+
+def euler_scheduler_config() -> dict:
+    """SDXL's Euler scheduler settings."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon")
+
+
+def diffusers_sdxl_components(tmp, in_channels=4, refiner=False, seed=0) -> dict:
+    """The components of a tiny SDXL base (or, with ``refiner``, refiner) pipeline, built with diffusers."""
+    import diffusers
+
+    tokenizer = clip_tokenizer(Path(tmp) / "vocab")
+    torch.manual_seed(seed)
+    unet = _perturbed(diffusers.UNet2DConditionModel(**sdxl_unet_config(in_channels, refiner)), seed + 1)
+    vae = _perturbed(diffusers.AutoencoderKL(**vae_config()), seed + 2)
+    components = dict(vae=vae, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**euler_scheduler_config()),
+                      text_encoder_2=clip_text_encoder_with_projection(tokenizer, seed + 4), tokenizer_2=tokenizer)
+    if refiner:
+        components.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                          force_zeros_for_empty_prompt=False)
+    else:
+        components.update(text_encoder=_perturbed(clip_text_encoder(tokenizer, seed + 3), seed + 5),
+                          tokenizer=tokenizer)
+    return components
+
+
+def save_sdxl_folder(path, in_channels=4, refiner=False, seed=0) -> Path:
+    """Save a tiny SDXL pipeline with diffusers: text-to-image (base), img2img (refiner) or inpainting."""
+    import diffusers
+
+    path = Path(path)
+    components = diffusers_sdxl_components(path.parent / (path.name + "-build"), in_channels, refiner, seed)
+    if refiner:
+        pipe_class = diffusers.StableDiffusionXLImg2ImgPipeline
+    elif in_channels == 9:
+        pipe_class = diffusers.StableDiffusionXLInpaintPipeline
+    else:
+        pipe_class = diffusers.StableDiffusionXLPipeline
+    pipe_class(**components, add_watermarker=False).save_pretrained(path)
+    return path
+
+
+# -- ControlNet -------------------------------------------------------------------------------------------------
+
+
+def diffusers_controlnet(unet, seed=0):
+    """A tiny diffusers ControlNet copied from ``unet``'s encoder, then perturbed; its condition embedding
+    downsamples 8x, like the VAE."""
+    import diffusers
+
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8))
+    return _perturbed(controlnet, seed + 10)
+
+
+def save_sd_controlnet_folder(path, num_controlnets=1, seed=0) -> Path:
+    """Save a tiny Stable Diffusion ControlNet pipeline with diffusers (one ControlNet or a list)."""
+    import diffusers
+
+    path = Path(path)
+    components = diffusers_sd_components(path.parent / (path.name + "-build"), seed=seed)
+    nets = [diffusers_controlnet(components["unet"], seed + 20 * k) for k in range(num_controlnets)]
+    components["controlnet"] = nets[0] if num_controlnets == 1 else nets
+    diffusers.StableDiffusionControlNetPipeline(**components).save_pretrained(path)
+    return path
+
+
+def save_sdxl_controlnet_folder(path, seed=0) -> Path:
+    """Save a tiny SDXL ControlNet pipeline with diffusers."""
+    import diffusers
+
+    path = Path(path)
+    components = diffusers_sdxl_components(path.parent / (path.name + "-build"), seed=seed)
+    components["controlnet"] = diffusers_controlnet(components["unet"], seed)
+    diffusers.StableDiffusionXLControlNetPipeline(**components, add_watermarker=False).save_pretrained(path)
+    return path
+
+
+# -- upscalers --------------------------------------------------------------------------------------------------
+
+
+def save_x4_upscaler_folder(path, seed=0) -> Path:
+    """Save a tiny x4 upscaler with diffusers: a 3-level VAE (4x), a UNet reading latents + the noised
+    low-resolution image (7 channels) with the noise level as a class label."""
+    import diffusers
+
+    path = Path(path)
+    tokenizer = clip_tokenizer(path.parent / (path.name + "-vocab"))
+    torch.manual_seed(seed)
+    unet = _perturbed(diffusers.UNet2DConditionModel(**dict(unet_config(in_channels=7), num_class_embeds=400)),
+                      seed + 1)
+    vae = _perturbed(diffusers.AutoencoderKL(**dict(vae_config(), block_out_channels=(4, 8, 8),
+                                                    down_block_types=("DownEncoderBlock2D",) * 3,
+                                                    up_block_types=("UpDecoderBlock2D",) * 3,
+                                                    scaling_factor=0.08333)), seed + 2)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                        beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                                        clip_sample=False, prediction_type="v_prediction")
+    low_res_scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                                beta_start=0.0001, beta_end=0.02)
+    diffusers.StableDiffusionUpscalePipeline(vae=vae, text_encoder=clip_text_encoder(tokenizer, seed + 3),
+                                             tokenizer=tokenizer, unet=unet, low_res_scheduler=low_res_scheduler,
+                                             scheduler=scheduler, max_noise_level=350).save_pretrained(path)
+    return path
+
+
+def save_latent_upscaler_folder(path, seed=0) -> Path:
+    """Save a tiny x2 latent upscaler with diffusers: the UNet reads latents + upsampled low-resolution latents
+    (8 channels), predicts 4 + 1 channels, and takes the noise-level and pooled text embedding as
+    ``timestep_cond`` (128 + the text width)."""
+    import diffusers
+
+    path = Path(path)
+    tokenizer = clip_tokenizer(path.parent / (path.name + "-vocab"))
+    torch.manual_seed(seed)
+    config = dict(unet_config(in_channels=8, time_cond_proj_dim=128 + TEXT_HIDDEN), out_channels=5)
+    unet = _perturbed(diffusers.UNet2DConditionModel(**config), seed + 1)
+    vae = _perturbed(diffusers.AutoencoderKL(**vae_config()), seed + 2)
+    scheduler = diffusers.EulerDiscreteScheduler(**euler_scheduler_config())
+    diffusers.StableDiffusionLatentUpscalePipeline(vae=vae, text_encoder=clip_text_encoder(tokenizer, seed + 3),
+                                                   tokenizer=tokenizer, unet=unet,
+                                                   scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+# -- depth-to-image ---------------------------------------------------------------------------------------------
+
+
+def dpt_depth_estimator(seed=0):
+    """A tiny transformers DPT (ViT backbone, 32x32 input) and its image processor."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    try:  # without torchvision, transformers 5 serves DPT image processing from this class
+        from transformers import DPTImageProcessorPil as DPTImageProcessor
+    except ImportError:
+        from transformers import DPTImageProcessor
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                       neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, is_hybrid=False)
+    torch.manual_seed(seed)
+    estimator = _perturbed(DPTForDepthEstimation(config), seed + 1)
+    return estimator, DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+
+
+def save_depth2img_folder(path, seed=0) -> Path:
+    """Save a tiny Stable Diffusion depth-to-image pipeline with diffusers (5-channel UNet, DPT estimator)."""
+    import diffusers
+
+    path = Path(path)
+    components = diffusers_sd_components(path.parent / (path.name + "-build"), in_channels=5, seed=seed)
+    estimator, processor = dpt_depth_estimator(seed + 30)
+    diffusers.StableDiffusionDepth2ImgPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=components["scheduler"], depth_estimator=estimator,
+        feature_extractor=processor).save_pretrained(path)
+    return path

@@ -15,6 +15,16 @@ PIPELINES = {
     "StableDiffusionPipeline": ("stable_diffusion", {"family": "stable-diffusion", "task": "text2image"}),
     "StableDiffusionImg2ImgPipeline": ("img2img", {"family": "stable-diffusion", "task": "image2image"}),
     "StableDiffusionInpaintPipeline": ("inpaint", {"family": "stable-diffusion", "task": "inpaint"}),
+    "StableDiffusionXLPipeline": ("sdxl", {"family": "stable-diffusion-xl", "task": "text2image"}),
+    "StableDiffusionXLImg2ImgPipeline": ("sdxl", {"family": "stable-diffusion-xl", "task": "image2image"}),
+    "StableDiffusionControlNetPipeline": ("controlnet", {"family": "stable-diffusion", "task": "text2image",
+                                                         "variant": "controlnet"}),
+    "StableDiffusionXLInpaintPipeline": ("sdxl_inpaint", {"family": "stable-diffusion-xl", "task": "inpaint"}),
+    "StableDiffusionXLControlNetPipeline": ("controlnet", {"family": "stable-diffusion-xl", "task": "text2image",
+                                                           "variant": "controlnet"}),
+    "StableDiffusionUpscalePipeline": ("upscale", {}),
+    "StableDiffusionLatentUpscalePipeline": ("upscale", {}),
+    "StableDiffusionDepth2ImgPipeline": ("depth2img", {}),
     "AutoPipelineForText2Image": ("auto", {}),
     "AutoPipelineForImage2Image": ("auto", {}),
     "AutoPipelineForInpainting": ("auto", {}),
@@ -32,3 +42,4 @@ def register_models(register):
     # diffusers files the safety checker under its pipeline module, and model_index.json says so.
     register("StableDiffusionSafetyChecker", f"{__name__}.safety_checker:StableDiffusionSafetyChecker",
              library="stable_diffusion")
+    register("MultiControlNetModel", f"{__name__}.controlnet:MultiControlNetModel")
