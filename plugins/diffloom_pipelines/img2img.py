@@ -68,7 +68,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-                 clip_skip: int | None = None, callback_on_step_end=None,
+                 clip_skip: int | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         self.check_strength(strength)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -83,6 +84,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:
             dtype = self.open_call(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    num_images_per_prompt, clip_skip)
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             image = self.image_processor.preprocess(image)
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
                                                                 timesteps, sigmas)

@@ -152,6 +152,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipelineBase):
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
@@ -166,6 +167,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipelineBase):
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:
             dtype = self.open_call(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    num_images_per_prompt, clip_skip)
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
                                                                 timesteps, sigmas)
             timesteps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength)

@@ -112,6 +112,23 @@ def step_kwargs_for(scheduler, generator, eta) -> dict:
     return kwargs
 
 
+def tokenize(tokenizer, texts, max_length: int):
+    """Token ids of ``texts`` padded and truncated to ``max_length`` (the tokenizer's full output)."""
+    with _TOKENIZER_LOCK:
+        return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+
+
+def warn_truncation(tokenizer, prompt, input_ids):
+    """Log the part of ``prompt`` that did not fit the text encoder's window."""
+    with _TOKENIZER_LOCK:
+        full = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] >= input_ids.shape[-1] and not torch.equal(full, input_ids):
+        window = tokenizer.model_max_length
+        dropped = tokenizer.batch_decode(full[:, window - 1:-1])
+        logger.warning("the text encoder reads at most %d tokens, so this part of the prompt was dropped: %s",
+                       window, dropped)
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     """"0.8.0.dev0" -> (0, 8, 0): the release numbers, pre-release tags ignored."""
     return tuple(int(re.match(r"\d*", piece).group() or 0) for piece in str(version).split(".")[:3])
@@ -234,22 +251,23 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
         return getattr(encoder, "text_model", encoder).final_layer_norm(hidden[-(clip_skip + 1)])
 
     def _tokenize(self, texts, max_length, device):
-        with _TOKENIZER_LOCK:
-            tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                    return_tensors="pt")
+        tokens = tokenize(self.tokenizer, texts, max_length)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
         return tokens.input_ids, mask
 
     def _warn_truncation(self, prompt, input_ids):
-        with _TOKENIZER_LOCK:
-            full = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] >= input_ids.shape[-1] and not torch.equal(full, input_ids):
-            window = self.tokenizer.model_max_length
-            dropped = self.tokenizer.batch_decode(full[:, window - 1:-1])
-            logger.warning("the text encoder reads at most %d tokens, so this part of the prompt was dropped: %s",
-                           window, dropped)
+        warn_truncation(self.tokenizer, prompt, input_ids)
+
+    def maybe_convert_prompt(self, prompt, tokenizer):
+        """The prompt as ``tokenizer`` should read it: adapters that add words (textual inversion's multi-vector
+        tokens) may rewrite it through their own ``maybe_convert_prompt``; with none loaded it is unchanged."""
+        for adapter in self.__dict__.get("_adapters", {}).values():
+            convert = getattr(adapter, "maybe_convert_prompt", None)
+            if convert is not None:
+                prompt = convert(prompt, tokenizer)
+        return prompt
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
@@ -260,6 +278,7 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
         """
         batch_size = self.batch_size_of(prompt, prompt_embeds)
         if prompt_embeds is None:
+            prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
             input_ids, mask = self._tokenize(prompt, self.tokenizer.model_max_length, device)
             self._warn_truncation(prompt, input_ids)
             prompt_embeds = self._text_encoder_hidden_states(input_ids.to(device), mask, clip_skip)
@@ -286,6 +305,7 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
                                  f"pass one negative prompt per prompt (or a single string for all)")
             else:
                 uncond = negative_prompt
+            uncond = self.maybe_convert_prompt(uncond, self.tokenizer)
             # The unconditional text is CLIP-encoded at its last layer even with clip_skip, as diffusers does.
             input_ids, mask = self._tokenize(uncond, prompt_embeds.shape[1], device)
             negative_prompt_embeds = self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
@@ -314,6 +334,21 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
         call.tensors["prompt_embeds"] = prompt_embeds
         call.tensors["negative_prompt_embeds"] = negative_prompt_embeds
         return prompt_embeds.dtype
+
+    def prepare_image_prompt(self, call: CallState, ip_adapter_image, ip_adapter_image_embeds, batch: int):
+        """Image-prompt embeddings (``added_cond_kwargs["image_embeds"]``) for the call, computed by the adapter
+        that provides them (an IP-Adapter plugin's ``image_embeds``), the unconditional half first under CFG."""
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("pass ip_adapter_image or ip_adapter_image_embeds, not both")
+        providers = [a for a in self.__dict__.get("_adapters", {}).values() if hasattr(a, "image_embeds")]
+        if not providers:
+            raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter; call "
+                             "pipe.load_ip_adapter(...) first")
+        cfg = self.do_classifier_free_guidance
+        embeds = providers[0].image_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, cfg)
+        call.settings["image_prompt_embeds"] = (embeds, cfg)
 
     def configure_steps(self, call: CallState, generator, eta, batch: int, dtype):
         """Scheduler step arguments and, for guidance-distilled UNets, the guidance embedding."""
@@ -350,6 +385,13 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
             step.conditioning["timestep_cond"] = call.settings["timestep_cond"]
         if call.cross_attention_kwargs is not None:
             step.conditioning["cross_attention_kwargs"] = call.cross_attention_kwargs
+        image_prompt = call.settings.get("image_prompt_embeds")
+        if image_prompt is not None:
+            embeds, with_guidance = image_prompt
+            if with_guidance and not self.do_classifier_free_guidance:  # a callback turned guidance off
+                embeds = [e.chunk(2)[1] for e in embeds]
+            step.conditioning["added_cond_kwargs"] = {**step.conditioning.get("added_cond_kwargs", {}),
+                                                      "image_embeds": embeds}
 
     def run_denoiser(self, call: CallState, step: StepState):
         return self.unet(step.model_input, step.model_timestep, **step.conditioning, return_dict=False)[0]
@@ -411,7 +453,8 @@ class StableDiffusionPipeline(StableDiffusionPipelineBase):
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback_on_step_end=None,
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
@@ -425,6 +468,7 @@ class StableDiffusionPipeline(StableDiffusionPipelineBase):
                              cross_attention_kwargs=cross_attention_kwargs) as call:
             dtype = self.open_call(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    num_images_per_prompt, clip_skip)
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
                                                                 timesteps, sigmas)
             latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, self.device,

@@ -1,0 +1,175 @@
+"""Textual inversion (Gal et al. 2022, "An Image is Worth One Word"): new words for the text encoder.
+
+An embedding file holds one or more learned vectors for a token. Loading adds the token to the tokenizer and
+its vectors as new rows of the text encoder's input embedding. An embedding of ``n > 1`` vectors becomes the
+tokens ``tok``, ``tok_1`` ... ``tok_{n-1}``, and the pipeline asks this adapter to rewrite prompts
+(``maybe_convert_prompt``) so that ``tok`` stands for all of them.
+
+File layouts read: diffusers' ``{token: tensor}``, A1111's ``{"string_to_param": {"*": tensor}, "name": ...}``
+(pickled) and ``{"emb_params": tensor}`` (safetensors, the token being the file name unless ``token=`` is
+given), and a bare tensor (``token=`` required). Pickle files follow the core rule: refused unless
+``allow_pickle=True``, then read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .files import read_weights
+
+_DEFAULT_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+
+
+class TextualInversionAdapter:
+    """The textual inversion methods of one pipeline (``pipe.load_textual_inversion`` and friends)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        # id(tokenizer) -> (tokenizer, text encoder, [added tokens]), for prompt conversion and unloading
+        self.loaded: dict[int, tuple] = {}
+
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
+                               weight_name: str | None = None, subfolder: str | None = None, allow_pickle=False,
+                               **hub_kwargs):
+        """Load one embedding or a list of them (``token`` then a matching list, or None)."""
+        tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
+        text_encoder = text_encoder if text_encoder is not None else getattr(self.pipe, "text_encoder", None)
+        if tokenizer is None or text_encoder is None:
+            raise ValueError("load_textual_inversion needs a tokenizer and a text encoder; this pipeline has none, "
+                             "pass tokenizer= and text_encoder=")
+        sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
+            else [pretrained_model_name_or_path]
+        tokens = token if isinstance(token, list) else [token] * len(sources)
+        if len(tokens) != len(sources):
+            raise ValueError(f"got {len(sources)} embeddings but {len(tokens)} tokens; pass one token per embedding")
+
+        vocab = tokenizer.get_vocab()
+        new_tokens, new_vectors = [], []
+        for source, name in zip(sources, tokens):
+            name, vectors = self._read(source, name, weight_name, subfolder, allow_pickle, hub_kwargs)
+            width = text_encoder.get_input_embeddings().embedding_dim
+            if vectors.shape[-1] != width:
+                raise ValueError(f"the embedding for {name!r} has vectors of size {vectors.shape[-1]}, but the text "
+                                 f"encoder's embeddings have size {width}: it was trained for another text encoder")
+            vectors = vectors.reshape(-1, width)
+            names = [name] + [f"{name}_{i}" for i in range(1, vectors.shape[0])]
+            taken = [n for n in names if n in vocab or n in new_tokens]
+            if taken:
+                raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary; pass token= to load "
+                                 f"the embedding under another name, or unload_textual_inversion({taken[0]!r})")
+            new_tokens += names
+            new_vectors.append(vectors)
+
+        tokenizer.add_tokens(new_tokens)
+        ids = tokenizer.convert_tokens_to_ids(new_tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        embedding = text_encoder.get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight[ids] = torch.cat(new_vectors).to(embedding.weight.device, embedding.weight.dtype)
+        entry = self.loaded.setdefault(id(tokenizer), (tokenizer, text_encoder, []))
+        entry[2].extend(new_tokens)
+
+    @staticmethod
+    def _read(source, token, weight_name, subfolder, allow_pickle, hub_kwargs) -> tuple[str, torch.Tensor]:
+        if torch.is_tensor(source):
+            data = source
+        else:
+            data = read_weights(source, weight_name, _DEFAULT_FILES, subfolder=subfolder, allow_pickle=allow_pickle,
+                                what="textual inversion", **hub_kwargs)
+        if torch.is_tensor(data):
+            if token is None:
+                raise ValueError("this embedding is a bare tensor, which names no token; pass token=")
+            return token, data
+        if "string_to_param" in data:  # A1111, pickled
+            loaded, vectors = data.get("name"), data["string_to_param"]["*"]
+        elif set(data) == {"emb_params"}:  # A1111, safetensors: the file's name is the word
+            loaded = Path(os.fspath(source)).stem if isinstance(source, (str, os.PathLike)) else None
+            vectors = data["emb_params"]
+        elif len(data) == 1:  # diffusers
+            (loaded, vectors), = data.items()
+        else:
+            raise ValueError(f"{source if not isinstance(source, dict) else 'the state dict'} is no textual "
+                             f"inversion embedding: expected one {{token: tensor}} entry, 'string_to_param' or "
+                             f"'emb_params', found keys {sorted(data)[:6]}")
+        token = token or loaded
+        if token is None:
+            raise ValueError("the embedding names no token; pass token=")
+        return token, vectors.detach()
+
+    def maybe_convert_prompt(self, prompt, tokenizer):
+        """Spell out multi-vector tokens: ``"a <cat>"`` becomes ``"a <cat> <cat>_1 <cat>_2"``."""
+        entry = self.loaded.get(id(tokenizer))
+        if entry is None or prompt is None:
+            return prompt
+        if isinstance(prompt, list):
+            return [self._convert(p, tokenizer, entry[2]) for p in prompt]
+        return self._convert(prompt, tokenizer, entry[2])
+
+    @staticmethod
+    def _convert(prompt: str, tokenizer, added: list[str]) -> str:
+        for token in dict.fromkeys(tokenizer.tokenize(prompt)):
+            if token in added and f"{token}_1" in added:
+                extra = []
+                while f"{token}_{len(extra) + 1}" in added:
+                    extra.append(f"{token}_{len(extra) + 1}")
+                prompt = prompt.replace(token, " ".join([token, *extra]))
+        return prompt
+
+    def unload_textual_inversion(self, tokens=None, tokenizer=None, text_encoder=None):
+        """Remove loaded tokens (all of them by default) from the tokenizer and their rows from the text encoder."""
+        tokenizer = tokenizer if tokenizer is not None else self.pipe.tokenizer
+        text_encoder = text_encoder if text_encoder is not None else self.pipe.text_encoder
+        entry = self.loaded.get(id(tokenizer))
+        added = entry[2] if entry is not None else []
+        if tokens is None:
+            remove = list(added)
+        else:
+            asked = [tokens] if isinstance(tokens, str) else list(tokens)
+            unknown = [t for t in asked if t not in added]
+            if unknown:
+                raise ValueError(f"tokens {unknown} were not loaded by load_textual_inversion; loaded: {added}")
+            # A multi-vector token goes with its _1, _2 ... companions.
+            remove = [t for t in added if t in asked or any(t.startswith(a + "_") for a in asked)]
+        if not remove:
+            return
+        ids = set(tokenizer.convert_tokens_to_ids(remove))
+        _remove_added_tokens(tokenizer, set(remove))
+        embedding = text_encoder.get_input_embeddings()
+        keep = [i for i in range(embedding.weight.shape[0]) if i not in ids]
+        smaller = nn.Embedding(len(keep), embedding.embedding_dim, device=embedding.weight.device,
+                               dtype=embedding.weight.dtype)
+        with torch.no_grad():
+            smaller.weight.copy_(embedding.weight[keep])
+        text_encoder.set_input_embeddings(smaller)
+        text_encoder.config.vocab_size = len(keep)
+        entry[2][:] = [t for t in added if t not in remove]
+        if not entry[2]:
+            del self.loaded[id(tokenizer)]
+
+
+def _remove_added_tokens(tokenizer, remove: set[str]):
+    """Drop added tokens from a fast tokenizer, renumbering the later ones so the ids stay contiguous.
+
+    The tokenizers library has no call that removes a token, so its serialised form is edited and read back.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer, whose added tokens "
+                         f"cannot be removed; reload the tokenizer instead")
+    spec = json.loads(backend.to_str())
+    kept, removed_before = [], 0
+    for added in sorted(spec.get("added_tokens", []), key=lambda t: t["id"]):
+        if added["content"] in remove:
+            removed_before += 1
+            continue
+        added["id"] -= removed_before
+        kept.append(added)
+    spec["added_tokens"] = kept
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
