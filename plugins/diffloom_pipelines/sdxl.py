@@ -153,6 +153,7 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
         reads the first (``prompt``) and ignores ``prompt_2``."""
         states, pooled = [], None
         for texts, (tokenizer, encoder) in zip(texts_per_encoder, self._encoders()):
+            texts = self.maybe_convert_prompt(texts, tokenizer)  # multi-vector textual-inversion tokens
             input_ids = tokenize(tokenizer, texts, max_length or tokenizer.model_max_length).input_ids
             if warn:
                 warn_truncation(tokenizer, texts, input_ids)
