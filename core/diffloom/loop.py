@@ -85,6 +85,10 @@ class CallState:
 
     def __exit__(self, *exc):
         _current.reset(self._token)
+        # After the call only its scalar state stays readable (pipe.num_timesteps...): drop the tensors,
+        # the scheduler copy and the hook objects so they do not live until the next call.
+        self.tensors, self.components, self.settings = {}, {}, {}
+        self._hook_objects, self._pm, self.hook = [], None, None
         self.pipe._remember_call(self)
         return False
 
