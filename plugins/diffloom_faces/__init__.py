@@ -1,4 +1,4 @@
-"""The main job on the command line: ``diffloom generate`` and ``diffloom info``.
+"""The main job on the command line: ``diffloom generate``, ``diffloom info`` and ``diffloom batch``.
 
 This module stays light (``diffloom --help`` must not import torch): it names the commands, whose modules are
 imported when one is run. The commands use only diffloom's public API, as a user's script would:
@@ -18,3 +18,5 @@ def register_commands(register):
              help="make an image from a prompt (default model: the shipped shapes-128)")
     register("info", f"{__name__}.info:info_command",
              help="a pipeline's components: classes, parameter counts, dtypes")
+    register("batch", f"{__name__}.batch:batch_command", help="many prompts from a JSON-lines file, resumable, "
+             "on this process, torchrun workers or Ray actors")
