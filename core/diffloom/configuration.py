@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 # The diffusers release whose format we write; diffusers reads any config whose version is not newer than it.
 DIFFUSERS_FORMAT_VERSION = "0.30.0"

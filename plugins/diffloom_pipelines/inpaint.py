@@ -27,7 +27,33 @@ from .stable_diffusion import StableDiffusionPipelineBase, check_generators, ret
 logger = logging.getLogger(__name__)
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionPipelineBase):
+class MaskedDenoising:
+    """The denoising steps of inpainting, shared by the SD and SDXL pipelines: an inpainting UNet (9 input
+    channels) reads the mask and the masked image's latents; a plain UNet is kept to the mask by putting the
+    original back outside it after every step."""
+
+    def prepare_model_input(self, call: CallState, step: StepState):
+        super().prepare_model_input(call, step)
+        if self.unet.config.in_channels == 9:
+            step.model_input = torch.cat(
+                [step.model_input, call.tensors["mask"], call.tensors["masked_image_latents"]], dim=1)
+
+    def scheduler_step(self, call: CallState, step: StepState):
+        latents = super().scheduler_step(call, step)
+        if self.unet.config.in_channels != 4:
+            return latents
+        # Plain UNet: put the original back outside the mask, at the noise level of the next step.
+        original = call.settings["image_latents"]
+        mask = call.tensors["mask"]
+        keep_mask = mask.chunk(2)[0] if self.do_classifier_free_guidance else mask
+        timesteps = call.settings["timesteps"]
+        if step.index < len(timesteps) - 1:
+            original = self.scheduler.add_noise(original, call.settings["noise"],
+                                                timesteps[step.index + 1:step.index + 2])
+        return (1 - keep_mask) * original + keep_mask * latents
+
+
+class StableDiffusionInpaintPipeline(MaskedDenoising, StableDiffusionPipelineBase):
     """Text-guided inpainting with Stable Diffusion (inpainting UNets and plain ones)."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"]
@@ -89,28 +115,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipelineBase):
             mask = torch.cat([mask] * 2)
             masked_image_latents = torch.cat([masked_image_latents] * 2)
         return mask, masked_image_latents.to(device=device, dtype=dtype)
-
-    # -- the denoising steps -----------------------------------------------------------------------------------
-
-    def prepare_model_input(self, call: CallState, step: StepState):
-        super().prepare_model_input(call, step)
-        if self.unet.config.in_channels == 9:
-            step.model_input = torch.cat(
-                [step.model_input, call.tensors["mask"], call.tensors["masked_image_latents"]], dim=1)
-
-    def scheduler_step(self, call: CallState, step: StepState):
-        latents = super().scheduler_step(call, step)
-        if self.unet.config.in_channels != 4:
-            return latents
-        # Plain UNet: put the original back outside the mask, at the noise level of the next step.
-        original = call.settings["image_latents"]
-        mask = call.tensors["mask"]
-        keep_mask = mask.chunk(2)[0] if self.do_classifier_free_guidance else mask
-        timesteps = call.settings["timesteps"]
-        if step.index < len(timesteps) - 1:
-            original = self.scheduler.add_noise(original, call.settings["noise"],
-                                                timesteps[step.index + 1:step.index + 2])
-        return (1 - keep_mask) * original + keep_mask * latents
 
     # -- the call ----------------------------------------------------------------------------------------------
 

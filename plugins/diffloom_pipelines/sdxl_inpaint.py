@@ -12,16 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from diffloom.images import VaeImageProcessor
-from diffloom.loop import CallState, StepState
 from diffloom.randomness import randn_tensor
 
 from .img2img import check_strength_steps, repeat_to_batch
-from .inpaint import StableDiffusionInpaintPipeline
+from .inpaint import MaskedDenoising, StableDiffusionInpaintPipeline
 from .sdxl import StableDiffusionXLImg2ImgPipeline, check_denoising_range, cut_at_denoising_end
 from .stable_diffusion import check_generators, retrieve_timesteps
 
 
-class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
+class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2ImgPipeline):
     """Text-guided inpainting with Stable Diffusion XL (inpainting UNets and plain ones)."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
@@ -81,28 +80,6 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
             masked_image_latents = torch.cat([masked_image_latents] * 2) if cfg else masked_image_latents
             masked_image_latents = masked_image_latents.to(device=self.device, dtype=dtype)
         return (torch.cat([mask] * 2) if cfg else mask), masked_image_latents
-
-    # -- the denoising steps -----------------------------------------------------------------------------------
-
-    def prepare_model_input(self, call: CallState, step: StepState):
-        super().prepare_model_input(call, step)
-        if self.unet.config.in_channels == 9:
-            step.model_input = torch.cat(
-                [step.model_input, call.tensors["mask"], call.tensors["masked_image_latents"]], dim=1)
-
-    def scheduler_step(self, call: CallState, step: StepState):
-        latents = super().scheduler_step(call, step)
-        if self.unet.config.in_channels != 4:
-            return latents
-        # Plain UNet: put the original back outside the mask, at the noise level of the next step.
-        original = call.settings["image_latents"]
-        mask = call.tensors["mask"]
-        keep_mask = mask.chunk(2)[0] if self.do_classifier_free_guidance else mask
-        timesteps = call.settings["timesteps"]
-        if step.index < len(timesteps) - 1:
-            original = self.scheduler.add_noise(original, call.settings["noise"],
-                                                timesteps[step.index + 1:step.index + 2])
-        return (1 - keep_mask) * original + keep_mask * latents
 
     # -- the call ----------------------------------------------------------------------------------------------
 
