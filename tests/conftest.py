@@ -26,3 +26,15 @@ def tiny_sd_inpaint_path(tmp_path_factory):
 def tiny_ddpm_path(tmp_path_factory):
     """A tiny DDPM folder (pixel-space UNet2DModel, 8x8 RGB)."""
     return tiny.save_ddpm_folder(tmp_path_factory.mktemp("tiny-ddpm") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and several threads spin badly on a busy 2-core machine.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

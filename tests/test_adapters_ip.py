@@ -19,12 +19,7 @@ TOL = 2e-4
 VISION_HIDDEN, IMAGE_EMBED = 16, 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights(unet, plus: bool, seed: int) -> dict:

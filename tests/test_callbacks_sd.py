@@ -15,12 +15,7 @@ PROMPT = "a photo of the red cat"
 H, W = tiny.IMAGE_HEIGHT, tiny.IMAGE_WIDTH
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
