@@ -112,6 +112,22 @@ def step_kwargs_for(scheduler, generator, eta) -> dict:
     return kwargs
 
 
+def negative_prompts(prompt, negative_prompt, batch_size: int) -> list[str]:
+    """One negative prompt per prompt: the empty prompt by default, a single string repeated, or a list of the
+    prompt's length."""
+    if negative_prompt is None:
+        return [""] * batch_size
+    if prompt is not None and type(prompt) is not type(negative_prompt):
+        raise TypeError(f"negative_prompt must be of the same type as prompt ({type(prompt).__name__}), "
+                        f"got {type(negative_prompt).__name__}")
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch_size
+    if len(negative_prompt) != batch_size:
+        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; "
+                         f"pass one negative prompt per prompt (or a single string for all)")
+    return list(negative_prompt)
+
+
 def tokenize(tokenizer, texts, max_length: int):
     """Token ids of ``texts`` padded and truncated to ``max_length`` (the tokenizer's full output)."""
     with _TOKENIZER_LOCK:
@@ -293,18 +309,7 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                uncond = [""] * batch_size
-            elif prompt is not None and type(prompt) is not type(negative_prompt):
-                raise TypeError(f"negative_prompt must be of the same type as prompt ({type(prompt).__name__}), "
-                                f"got {type(negative_prompt).__name__}")
-            elif isinstance(negative_prompt, str):
-                uncond = [negative_prompt] * batch_size
-            elif len(negative_prompt) != batch_size:
-                raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; "
-                                 f"pass one negative prompt per prompt (or a single string for all)")
-            else:
-                uncond = negative_prompt
+            uncond = negative_prompts(prompt, negative_prompt, batch_size)
             uncond = self.maybe_convert_prompt(uncond, self.tokenizer)
             # The unconditional text is CLIP-encoded at its last layer even with clip_skip, as diffusers does.
             input_ids, mask = self._tokenize(uncond, prompt_embeds.shape[1], device)

@@ -25,7 +25,8 @@ from diffloom.pipeline import DiffusionPipeline, ImagePipelineOutput
 from diffloom.randomness import randn_tensor
 
 from .sdxl import vae_in_float32
-from .stable_diffusion import StableDiffusionPipelineBase, retrieve_latents, tokenize, warn_truncation
+from .stable_diffusion import (StableDiffusionPipelineBase, negative_prompts, retrieve_latents, tokenize,
+                               warn_truncation)
 
 logger = logging.getLogger(__name__)
 
@@ -175,18 +176,7 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionPipelineBase):
             warn_truncation(self.tokenizer, texts, input_ids)
             prompt_embeds, pooled_prompt_embeds = self._encode(texts, self.tokenizer.model_max_length, device)
         if do_classifier_free_guidance and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
-            if negative_prompt is None:
-                uncond = [""] * batch_size
-            elif prompt is not None and type(prompt) is not type(negative_prompt):
-                raise TypeError(f"negative_prompt must be of the same type as prompt ({type(prompt).__name__}), "
-                                f"got {type(negative_prompt).__name__}")
-            elif isinstance(negative_prompt, str):
-                uncond = [negative_prompt] * batch_size
-            elif len(negative_prompt) != batch_size:
-                raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; "
-                                 f"pass one negative prompt per prompt (or a single string for all)")
-            else:
-                uncond = negative_prompt
+            uncond = negative_prompts(prompt, negative_prompt, batch_size)
             negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode(uncond, prompt_embeds.shape[1],
                                                                                  device)
         return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
