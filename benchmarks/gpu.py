@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -46,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from diffloom import hookimpl
 
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "plugins/diffloom_faces/shipped/shapes-128/tokenizer"
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk",
@@ -140,8 +143,51 @@ def reduce_overhead(pipe):
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
 
 
+def offload(pipe):
+    pipe.enable_model_cpu_offload()
+
+
 MODES = {"diffusers:eager": lambda pipe: None, "diffloom:eager": lambda pipe: None,
-         "diffusers:reduce-overhead": reduce_overhead}
+         "diffusers:reduce-overhead": reduce_overhead,
+         "diffloom:quick": lambda pipe: pipe.enable_fast_path(compile=False),
+         "diffloom:fast": lambda pipe: pipe.enable_fast_path(),
+         # The same as diffloom:fast, in a process that finds the first one's compiled artefacts on disk.
+         "diffloom:fast-cached": lambda pipe: pipe.enable_fast_path(),
+         "diffusers:offload": offload, "diffloom:offload": offload}
+
+
+class StageTimer:
+    """A diffloom hook recording CUDA events at the call's stages: prompt encoding (call start to the first
+    step), denoising (first step to the last), decoding (last step to after the VAE)."""
+
+    def __init__(self):
+        self.events = {}
+
+    def mark(self, name):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events[name] = event
+
+    def stages_ms(self) -> dict:
+        order = ["start", "denoise", "decode", "end"]
+        return {f"{a}->{b}": round(self.events[a].elapsed_time(self.events[b]), 2) for a, b in zip(order, order[1:])}
+
+    @hookimpl
+    def on_call_start(self, pipe, call):
+        self.mark("start")
+
+    @hookimpl
+    def on_step_begin(self, pipe, call, step):
+        if step.index == 0:
+            self.mark("denoise")
+
+    @hookimpl
+    def on_step_end(self, pipe, call, step):
+        self.mark("decode")
+
+    @hookimpl
+    def after_decode(self, pipe, call, images):
+        self.mark("end")
 
 
 def synchronize(device: str):
@@ -149,13 +195,13 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def generate(pipe, batch: int, run: dict, device: str, seed: int = 0) -> tuple[np.ndarray, float]:
+def generate(pipe, batch: int, run: dict, device: str, seed: int = 0, **kwargs) -> tuple[np.ndarray, float]:
     """One pipeline call of ``batch`` images; returns the images (float32 in [0, 1]) and the seconds taken."""
     synchronize(device)
     started = time.perf_counter()
     images = pipe(prompt=[PROMPTS[i % len(PROMPTS)] for i in range(batch)], height=run["size"], width=run["size"],
                   num_inference_steps=run["steps"], guidance_scale=run["guidance"], output_type="np",
-                  generator=torch.Generator(device).manual_seed(seed)).images
+                  generator=torch.Generator(device).manual_seed(seed), **kwargs).images
     synchronize(device)
     return np.asarray(images, dtype=np.float32), time.perf_counter() - started
 
@@ -180,9 +226,14 @@ def measure(model: str, mode: str, folder: Path, batches: list[int], run: dict, 
             torch.cuda.reset_peak_memory_stats()
         images, first = generate(pipe, batch, run, device)
         times = [generate(pipe, batch, run, device)[1] for _ in range(repeats)]
+        stages = None
+        if library == "diffloom" and device == "cuda":
+            timer = StageTimer()
+            generate(pipe, batch, run, device, hooks=[timer])
+            stages = timer.stages_ms()
         rows.append(dict(model=model, mode=mode, batch=batch, size=run["size"], steps=run["steps"],
                          first_call_s=round(first, 3), s_per_image=round(statistics.median(times) / batch, 4),
-                         call_s=[round(t, 4) for t in times],
+                         call_s=[round(t, 4) for t in times], stages_ms=stages,
                          peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None))
         np.save(out / f"batch{batch}.npy", images)
     (out / "rows.json").write_text(json.dumps(rows))
@@ -198,7 +249,10 @@ def bench(model: str, folder: Path, modes: list[str], batches: list[int], repeat
         out.mkdir()
         command = [sys.executable, __file__, "--worker", model, mode, str(folder), str(out), "--repeats",
                    str(repeats), "--batches", *map(str, batches)] + (["--tiny"] if tiny else [])
-        result = subprocess.run(command)
+        # Compiled artefacts are cached on disk: each mode starts cold, except "-cached" ones, which reuse
+        # the cache of the mode they are named after.
+        cache = work / f"inductor-{model}-{mode.removesuffix('-cached').replace(':', '-')}"
+        result = subprocess.run(command, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
         if result.returncode != 0:
             sys.exit(f"{' '.join(command)} failed (exit code {result.returncode}); its output is above")
         for row in json.loads((out / "rows.json").read_text()):
@@ -219,7 +273,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['model']:<5} {r['mode']:<26} {r['batch']:>5} {r['s_per_image']:>8.4f} "
                      f"{r['first_call_s']:>12.2f} {peak:>8} {r['max_abs_diff']:>10.4f} {r['psnr_db']:>8.1f} "
                      f"{r['image_std']:>6.3f} {r['clipped']:>7.3f}  "
-                     f"{r['reference']}{'  NaN!' if r['nan'] else ''}")
+                     f"{r['reference']}{'  NaN!' if r['nan'] else ''}"
+                     f"{'  stages ms ' + str(r['stages_ms']) if r.get('stages_ms') else ''}")
     return "\n".join(lines)
 
 

@@ -46,3 +46,117 @@ def test_sdxl_float16_matches_diffusers(tiny_sdxl_path):
     a, b = run(ours), run(ref)
     assert np.isfinite(a).all() and a.std() > 0, "the images are not finite or are flat"
     assert np.abs(a - b).max() <= TOL, f"max abs difference {np.abs(a - b).max()}"
+
+
+# -- the fast path and the memory options -------------------------------------------------------------------------
+
+
+def psnr(a, b) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def sd_pipe(path):
+    pipe = diffloom.StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["quick", "compiled"])
+def test_fast_path_matches_eager_and_records_once(tiny_sd_path, compile):
+    pipe = sd_pipe(tiny_sd_path)
+    eager = run(pipe)
+    eager_cfg3 = run(pipe, guidance_scale=3.0)
+    pipe.enable_fast_path(compile=compile)
+    graphs = pipe.hooks[-1]
+    first, second = run(pipe), run(pipe)
+    steps = pipe.num_timesteps  # PNDM runs one model call more than num_inference_steps
+    assert graphs.captures == 1 and graphs.replays == 2 * steps, (graphs.captures, graphs.replays, steps)
+    assert np.array_equal(first, second), "two replays of the same call differ"
+    assert psnr(first, eager) >= 35 and np.abs(first - eager).max() <= 2e-2, \
+        (psnr(first, eager), np.abs(first - eager).max())
+    # A new guidance scale is baked into a new recording, not read from the old one.
+    assert psnr(run(pipe, guidance_scale=3.0), eager_cfg3) >= 35 and graphs.captures == 2
+    pipe.disable_fast_path()
+    assert pipe.hooks == [] and np.abs(run(pipe) - eager).max() <= TOL
+
+
+def test_fast_path_keeps_callbacks_and_falls_back_where_it_must(tiny_sd_path):
+    pipe = sd_pipe(tiny_sd_path)
+    seen = []
+
+    def halve_latents_at_step_1(p, i, t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        if i == 1:
+            kwargs["latents"] = kwargs["latents"] * 0.5
+        return kwargs
+
+    def stop_after_2(p, i, t, kwargs):
+        if i == 1:
+            p._interrupt = True
+        return kwargs
+
+    eager = run(pipe, callback_on_step_end=halve_latents_at_step_1)
+    eager_seen, seen[:] = list(seen), []
+    eager_stopped = run(pipe, callback_on_step_end=stop_after_2)
+    pipe.enable_fast_path(compile=False)
+    fast = run(pipe, callback_on_step_end=halve_latents_at_step_1)
+    assert psnr(fast, eager) >= 35, psnr(fast, eager)
+    assert len(seen) == len(eager_seen)
+    largest = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(seen, eager_seen))
+    assert largest < 2e-2, largest
+    stopped = run(pipe, callback_on_step_end=stop_after_2)
+    assert psnr(stopped, eager_stopped) >= 35, psnr(stopped, eager_stopped)
+    # A before_denoiser hook must see every step: the graphs step aside.
+    graphs = pipe.hooks[-1]
+    replays = graphs.replays
+
+    class CountDenoiserCalls:
+        calls = 0
+
+        @diffloom.hookimpl
+        def before_denoiser(self, pipe, call, step):
+            CountDenoiserCalls.calls += 1
+
+    counted, plain = run(pipe, hooks=[CountDenoiserCalls()]), run(pipe)
+    assert psnr(counted, plain) >= 35, psnr(counted, plain)
+    steps = pipe.num_timesteps
+    assert CountDenoiserCalls.calls == steps and graphs.replays == replays + steps
+
+
+def test_fast_path_steps_aside_for_unfused_lora(tiny_sd_path):
+    pipe = sd_pipe(tiny_sd_path)
+    pipe.enable_fast_path(compile=False)
+    graphs = pipe.hooks[-1]
+    # A forward hook stands for what an unfused LoRA adds: Python that a recording would run only once.
+    handle = pipe.unet.conv_in.register_forward_hook(lambda module, args, out: out * 2)
+    hooked = run(pipe)
+    assert graphs.replays == 0
+    handle.remove()
+    assert psnr(run(pipe), hooked) < 35 and graphs.replays == pipe.num_timesteps
+
+
+def test_sdxl_fast_path_matches_eager(tiny_sdxl_path):
+    pipe = diffloom.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, torch_dtype=torch.float16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    eager = run(pipe)
+    pipe.enable_fast_path(compile=False)
+    fast = run(pipe)
+    assert pipe.hooks[-1].replays == pipe.num_timesteps and psnr(fast, eager) >= 35
+
+
+def test_model_cpu_offload_matches_and_keeps_models_off_the_gpu(tiny_sd_path):
+    pipe = sd_pipe(tiny_sd_path)
+    expected = run(pipe)
+    pipe.enable_model_cpu_offload()
+    assert pipe.device.type == "cuda" and pipe.unet.device.type == "cpu"
+    images = run(pipe)
+    assert np.abs(images - expected).max() <= TOL, np.abs(images - expected).max()
+    # Only the last model used (the VAE) is left on the GPU.
+    assert pipe.vae.device.type == "cuda" and pipe.unet.device.type == "cpu"
+    assert pipe.text_encoder.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="offloads its models"):
+        pipe.enable_fast_path()
+    pipe.remove_all_hooks()
+    pipe.to("cuda")
+    assert np.abs(run(pipe) - expected).max() <= TOL

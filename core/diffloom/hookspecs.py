@@ -113,6 +113,17 @@ def after_denoiser(pipe, call, step):
     """
 
 
+@hookspec(firstresult=True)
+def run_step(pipe, call, step):
+    """Take over the body of one step: model input, denoiser, guidance and scheduler step.
+
+    Return the new latents to replace what the pipeline would compute (an accelerator replaying that body as a
+    CUDA graph), or ``None`` to let the pipeline run it. A step taken over fires neither ``before_denoiser``
+    nor ``after_denoiser``, so an implementation must decline while either has implementations in the call.
+    ``on_step_begin`` and ``on_step_end`` fire around it as usual.
+    """
+
+
 @hookspec
 def on_step_end(pipe, call, step):
     """A step finished; ``step.latents`` holds the new latents and may be replaced.

@@ -28,8 +28,8 @@ logger = logging.getLogger("diffloom.hooks")
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("diffloom_call", default=None)
 
 # The hooks fired once per step; the others fire once per call.
-LOOP_HOOKS = ("on_call_start", "on_step_begin", "before_denoiser", "after_denoiser", "on_step_end",
-              "after_decode", "on_call_end")
+LOOP_HOOKS = ("on_call_start", "on_step_begin", "run_step", "before_denoiser", "after_denoiser",
+              "on_step_end", "after_decode", "on_call_end")
 
 
 def current_call() -> CallState | None:

@@ -91,6 +91,11 @@ class DiffusionPipeline(ConfigMixin):
     _optional_components: list[str] = []
     # Names a callback_on_step_end may ask for and replace.
     _callback_tensor_inputs: list[str] = ["latents"]
+    # The components that run_denoiser and guide call, for pipelines where those two read nothing but
+    # step.model_input, step.model_timestep, step.conditioning and the call's scalar settings (guidance
+    # scale...): an accelerator's run_step hook may then record them once and replay the recording for any step
+    # with inputs of the same shapes. Empty where they read more (per-step state): never replayed.
+    denoiser_components: tuple[str, ...] = ()
 
     def __init__(self):
         object.__setattr__(self, "_components", {})
@@ -150,6 +155,11 @@ class DiffusionPipeline(ConfigMixin):
 
     @property
     def device(self) -> torch.device:
+        """Where the pipeline computes: its models' device, or the device an offloading plugin set as
+        ``_execution_device`` while the models wait on the CPU."""
+        execution_device = self.__dict__.get("_execution_device")
+        if execution_device is not None:
+            return execution_device
         for module in self._modules().values():
             for p in module.parameters():
                 return p.device
@@ -231,9 +241,11 @@ class DiffusionPipeline(ConfigMixin):
     def denoise(self, call: CallState, latents: torch.Tensor, timesteps, num_warmup_steps: int = 0) -> torch.Tensor:
         """Run the denoising loop over ``timesteps``, firing every step hook; returns the final latents.
 
-        Each step: ``prepare_model_input`` -> before_denoiser hooks -> ``run_denoiser`` -> after_denoiser hooks
-        -> ``guide`` (unless a hook set ``step.noise_pred``) -> ``scheduler_step`` -> step-end hooks (the
-        diffusers callback among them). Subclasses override those four methods, not the loop.
+        Each step: step-begin hooks -> the step's body (:meth:`denoising_step`, unless a ``run_step`` hook
+        takes it over) -> step-end hooks (the diffusers callback among them). The body is
+        ``prepare_model_input`` -> before_denoiser hooks -> ``run_denoiser`` -> after_denoiser hooks -> ``guide``
+        (unless a hook set ``step.noise_pred``) -> ``scheduler_step``. Subclasses override those four methods,
+        not the loop.
         """
         hook = call.hook
         call.num_timesteps = len(timesteps)
@@ -248,19 +260,25 @@ class DiffusionPipeline(ConfigMixin):
                     continue
                 step = StepState(index=i, timestep=t, latents=call.tensors["latents"])
                 hook.on_step_begin(pipe=self, call=call, step=step)
-                self.prepare_model_input(call, step)
-                hook.before_denoiser(pipe=self, call=call, step=step)
-                step.model_output = self.run_denoiser(call, step)
-                hook.after_denoiser(pipe=self, call=call, step=step)
-                if step.noise_pred is None:
-                    step.noise_pred = self.guide(call, step)
-                step.latents = self.scheduler_step(call, step)
+                latents = hook.run_step(pipe=self, call=call, step=step)
+                step.latents = latents if latents is not None else self.denoising_step(call, step)
                 call.tensors["latents"] = step.latents
                 hook.on_step_end(pipe=self, call=call, step=step)
                 call.tensors["latents"] = step.latents
                 if ticks[i]:
                     bar.update()
         return call.tensors["latents"]
+
+    def denoising_step(self, call: CallState, step: StepState) -> torch.Tensor:
+        """The body of one step, unless a ``run_step`` hook takes it over; returns the new latents."""
+        hook = call.hook
+        self.prepare_model_input(call, step)
+        hook.before_denoiser(pipe=self, call=call, step=step)
+        step.model_output = self.run_denoiser(call, step)
+        hook.after_denoiser(pipe=self, call=call, step=step)
+        if step.noise_pred is None:
+            step.noise_pred = self.guide(call, step)
+        return self.scheduler_step(call, step)
 
     def prepare_model_input(self, call: CallState, step: StepState):
         """Fill ``step.model_input``, ``step.model_timestep`` and ``step.conditioning``."""

@@ -94,6 +94,9 @@ class ControlNetMixin:
     """Argument checks, condition-image preparation and the controlled denoiser step, shared by the SD and
     SDXL ControlNet pipelines."""
 
+    # The ControlNets' weight changes from step to step (control_guidance_start/end).
+    denoiser_components = ()
+
     def control_nets(self) -> list:
         controlnet = self.controlnet
         return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]

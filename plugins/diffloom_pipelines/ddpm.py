@@ -19,6 +19,8 @@ IMAGE_OUTPUT_TYPES = ("pil", "np", "pt")
 class UnconditionalImagePipeline(DiffusionPipeline):
     """What DDPM and DDIM sampling share: a UNet2DModel on pixels, no conditioning, no guidance."""
 
+    denoiser_components = ("unet",)
+
     def __init__(self, unet, scheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)

@@ -158,6 +158,7 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
 
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    denoiser_components = ("unet",)
     # Outdated scheduler settings that diffusers corrects when the pipeline is built: key -> corrected value.
     _scheduler_fixes = {"steps_offset": 1, "clip_sample": False}
 

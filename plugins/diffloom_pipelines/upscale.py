@@ -150,6 +150,8 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionPipelineBase):
 
     _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents"]
+    # Its guidance blends in the step's latents at the step's sigma.
+    denoiser_components = ()
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         # Not the SD v1 constructor: no safety checker, no corrected settings.

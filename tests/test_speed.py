@@ -1,0 +1,87 @@
+"""The speed and memory switches where no GPU is needed: the run_step contract, refusals, the VAE switches.
+
+What needs CUDA (the graphs, compilation, offloading) is tested in test_gpu.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import diffloom
+from diffloom_speed.step_graphs import CudaGraphSteps
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def run(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of the red cat", height=32, width=48, num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.fixture
+def pipe(tiny_sd_path):
+    return diffloom.StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+
+
+def test_run_step_hook_takes_over_the_step_body(pipe):
+    class HalfEveryOtherStep:
+        denoiser_steps = []
+
+        @diffloom.hookimpl
+        def run_step(self, pipe, call, step):
+            if step.index % 2 == 0:
+                return None  # the pipeline runs the step itself
+            return step.latents * 0.5
+
+        @diffloom.hookimpl
+        def before_denoiser(self, pipe, call, step):
+            self.denoiser_steps.append(step.index)
+
+    class Replay:
+        @diffloom.hookimpl
+        def on_step_end(self, pipe, call, step):
+            if step.index == 1:
+                call.tensors["seen"] = step.latents
+
+    taken = HalfEveryOtherStep()
+    images = run(pipe, hooks=[taken])
+    assert taken.denoiser_steps == [0, 2]
+    assert not np.allclose(images, run(pipe))
+    assert run(pipe, hooks=[Replay()]).shape == images.shape
+
+
+def test_graph_steps_decline_off_the_gpu(pipe):
+    graphs = CudaGraphSteps()
+    np.testing.assert_array_equal(run(pipe, hooks=[graphs]), run(pipe))
+    assert graphs.captures == 0 and graphs.replays == 0
+
+
+def test_refusals(pipe, tiny_sd_path):
+    with pytest.raises(RuntimeError, match=r"CUDA GPU.*pipe.to\('cuda'\)"):
+        pipe.enable_fast_path()
+    upscaler = diffloom.StableDiffusionLatentUpscalePipeline
+    assert upscaler.denoiser_components == () == diffloom.StableDiffusionControlNetPipeline.denoiser_components
+    with pytest.raises(ValueError, match="must name an accelerator"):
+        pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="warmup"):
+        CudaGraphSteps(warmup=0)
+
+
+def test_vae_switches_match_diffusers(pipe, tiny_sd_path):
+    import diffusers
+
+    expected = run(pipe, num_images_per_prompt=2)
+    pipe.enable_vae_slicing()
+    assert pipe.vae.use_slicing
+    np.testing.assert_allclose(run(pipe, num_images_per_prompt=2), expected, atol=1e-5)
+    pipe.disable_vae_slicing()
+    # Tiles blend at their seams, so tiled images differ from whole ones: exactly as diffusers' do.
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    reference.vae.enable_tiling()  # diffusers 0.42 dropped the pipeline-level switch
+    pipe.enable_vae_tiling()
+    tiled = run(pipe)
+    assert pipe.vae.use_tiling and not np.allclose(tiled, expected[:1], atol=1e-3)
+    np.testing.assert_allclose(tiled, run(reference), atol=1e-5)
+    pipe.disable_vae_tiling()
+    assert not pipe.vae.use_slicing and not pipe.vae.use_tiling
