@@ -3,6 +3,10 @@
 The 4x3 maps approximate the VAE decoders of Stable Diffusion 1.x/2.x and SDXL well enough to watch an image
 form (the widely used community constants). The family is told apart by the VAE's ``scaling_factor``
 (0.13025 for SDXL's VAE, 0.18215 for SD 1.x/2.x) unless ``family`` is given.
+
+Any other VAE gets false colours from those tables. :func:`fit_latent_rgb` measures a map for the VAE at hand
+instead: it decodes a few seeded random latents once and solves for the linear map (plus bias) that best predicts
+the mean colour of each latent pixel's patch, by least squares. Pass the result as ``rgb_map=``.
 """
 
 from __future__ import annotations
@@ -24,21 +28,51 @@ LATENT_RGB = {
 }
 
 
-def latents_to_rgb(latents, family: str = "sd"):
-    """One latent image (4, h, w) -> PIL image (w, h), through the family's linear map."""
+def latents_to_rgb(latents, family: str = "sd", rgb_map=None):
+    """One latent image (C, h, w) -> PIL image (w, h), through ``rgb_map`` (``(weights C x 3, bias 3)``, as
+    :func:`fit_latent_rgb` returns) or else the family's 4x3 map."""
     import torch
     from PIL import Image
 
-    if family not in LATENT_RGB:
-        raise ValueError(f"family={family!r} is not one of {sorted(LATENT_RGB)}")
-    if latents.ndim != 3 or latents.shape[0] != 4:
-        raise ValueError(f"latents_to_rgb takes one (4, h, w) latent image, got shape {tuple(latents.shape)}")
-    weights, bias = LATENT_RGB[family]
-    weights = torch.tensor(weights, dtype=torch.float32)
-    bias = torch.tensor(bias, dtype=torch.float32)
+    if rgb_map is None:
+        if family not in LATENT_RGB:
+            raise ValueError(f"family={family!r} is not one of {sorted(LATENT_RGB)}")
+        rgb_map = LATENT_RGB[family]
+    weights = torch.as_tensor(rgb_map[0], dtype=torch.float32)
+    bias = torch.as_tensor(rgb_map[1], dtype=torch.float32)
+    if latents.ndim != 3 or latents.shape[0] != weights.shape[0]:
+        raise ValueError(f"latents_to_rgb takes one ({weights.shape[0]}, h, w) latent image for this map, got "
+                         f"shape {tuple(latents.shape)}")
     rgb = torch.einsum("chw,cr->hwr", latents.detach().float().cpu(), weights) + bias
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return Image.fromarray(pixels)
+
+
+def fit_latent_rgb(vae, samples: int = 8, size: int = 8, seed: int = 0):
+    """The linear map ``(weights C x 3, bias 3)`` from latents, as a pipeline holds them (scaled by the VAE's
+    ``scaling_factor``), to the colours ``vae`` decodes them to, in [-1, 1].
+
+    ``samples`` latents of ``size`` x ``size`` are drawn from a seeded standard normal (the distribution the
+    scaling factor normalises latents to), decoded, and each latent pixel is paired with the mean colour of the
+    patch it decodes to; least squares over all pairs gives the map. A few small decodes: fast on a CPU.
+    """
+    import torch
+
+    config = vae.config
+    channels = config.get("latent_channels", 4)
+    factor = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+    parameter = next(vae.parameters())
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn(samples, channels, size, size, generator=generator)
+    unscaled = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
+    with torch.no_grad():
+        decoded = vae.decode(unscaled.to(device=parameter.device, dtype=parameter.dtype)).sample
+    patches = torch.nn.functional.avg_pool2d(decoded.float().cpu(), factor)  # one mean colour per latent pixel
+    inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels)
+    inputs = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)  # the last row of the solution is the bias
+    targets = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+    solution = torch.linalg.lstsq(inputs, targets).solution
+    return solution[:channels].tolist(), solution[channels].tolist()
 
 
 def guess_family(pipe) -> str:
@@ -51,18 +85,21 @@ class LatentPreview:
     """After every ``every``-th step, turn the first image's latents into a small RGB preview.
 
     ``target`` is a folder (previews are written as ``step_0000.png``...) or a function
-    ``target(step_index, image)``.
+    ``target(step_index, image)``. ``rgb_map`` (from :func:`fit_latent_rgb`) replaces the family's table.
     """
 
-    def __init__(self, target, every: int = 1, family: str | None = None, index: int = 0):
+    def __init__(self, target, every: int = 1, family: str | None = None, index: int = 0, rgb_map=None):
         if every < 1:
             raise ValueError(f"every={every} must be at least 1")
         if family is not None and family not in LATENT_RGB:
             raise ValueError(f"family={family!r} is not one of {sorted(LATENT_RGB)}")
+        if rgb_map is not None and family is not None:
+            raise ValueError("give family= or rgb_map=, not both: the map replaces the family's table")
         self.target = target
         self.every = every
         self.family = family
         self.index = index
+        self.rgb_map = rgb_map
         if not callable(target):
             os.makedirs(target, exist_ok=True)
 
@@ -71,9 +108,10 @@ class LatentPreview:
         if step.index % self.every:
             return
         latents = step.latents
-        if latents.ndim != 4 or latents.shape[1] != 4:
-            return  # not an SD-style latent space: nothing sensible to show
-        image = latents_to_rgb(latents[self.index], self.family or guess_family(pipe))
+        channels = len(self.rgb_map[0]) if self.rgb_map is not None else 4
+        if latents.ndim != 4 or latents.shape[1] != channels:
+            return  # not the latent space the map is for: nothing sensible to show
+        image = latents_to_rgb(latents[self.index], self.family or guess_family(pipe), rgb_map=self.rgb_map)
         if callable(self.target):
             self.target(step.index, image)
         else:
