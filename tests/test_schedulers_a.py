@@ -424,3 +424,18 @@ def test_set_timesteps_rebinds_history_instead_of_clearing_it():
         old = getattr(s, attr)
         s.set_timesteps(5)
         assert getattr(s, attr) is not old
+
+
+def test_ddpm_takes_variance_type_none_as_diffusers_does():
+    # Other schedulers' configs carry variance_type=None; diffusers' DDPM then samples as fixed_small.
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  variance_type=None)
+    ours, ref = DDPMScheduler(**config), diffusers.DDPMScheduler(**config)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    sample, output = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 8, 8)
+    for t in ref.timesteps[:3]:
+        a = ours.step(output, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+        b = ref.step(output, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.equal(a, b)
+    assert ours.config.variance_type is None

@@ -39,7 +39,8 @@ class DDPMScheduler(SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if variance_type not in VARIANCE_TYPES:
+        # None is what other schedulers' configs carry; diffusers then samples as "fixed_small".
+        if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type={variance_type!r} is not supported; choose one of {list(VARIANCE_TYPES)}")
         self.betas = schedule.make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                          allowed=(*schedule.BETA_SCHEDULES, "laplace", "sigmoid"))
@@ -93,7 +94,7 @@ class DDPMScheduler(SchedulerMixin):
         beta_t = 1 - alpha_prod_t / alpha_prod_prev
         # posterior variance beta~_t (eq. 7); clamped so its log stays finite at the last step
         posterior = torch.clamp((1 - alpha_prod_prev) / (1 - alpha_prod_t) * beta_t, min=1e-20)
-        variance_type = variance_type or self.config.variance_type
+        variance_type = variance_type or self.config.variance_type or "fixed_small"
         if variance_type == "fixed_small":
             return posterior
         if variance_type == "fixed_small_log":  # a standard deviation, computed through the log
