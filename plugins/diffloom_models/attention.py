@@ -66,7 +66,14 @@ class AttnProcessor:
         out = attn.spatial_out(out, shape)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        # x / 1.0 is x: skipping it saves a kernel launch per layer where eager runs are bound by launches.
+        return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out
+
+
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` when ``p`` is 0: the same output either way (and the same state
+    dict), without a dispatched no-op per call, which eager runs at batch 1 are bound by."""
+    return nn.Dropout(p) if p else nn.Identity()
 
 
 def _accepted_kwargs(processor) -> frozenset[str] | None:
@@ -106,7 +113,8 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias),
+                                     dropout_layer(dropout)])
         self.set_processor(processor if processor is not None else AttnProcessor())
 
     # -- the extension point -----------------------------------------------------------------------------------

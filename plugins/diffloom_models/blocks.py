@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, dropout_layer
 
 _ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -225,7 +225,7 @@ class ResnetBlock2D(nn.Module):
             proj_out = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
             self.time_emb_proj = nn.Linear(temb_channels, proj_out)
         self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nonlinearity = activation(non_linearity)
         if use_in_shortcut is None:
@@ -265,7 +265,8 @@ class ResnetBlock2D(nn.Module):
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden_states) / self.output_scale_factor
+        output = input_tensor + hidden_states
+        return output / self.output_scale_factor if self.output_scale_factor != 1 else output
 
 
 def spatial_attention(channels: int, head_dim: int | None, groups: int | None, eps: float,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, dropout_layer
 
 
 class GELU(nn.Module):
@@ -68,7 +68,7 @@ class FeedForward(nn.Module):
         if activation_fn not in _ACTIVATIONS:
             raise ValueError(f"activation_fn={activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         inner_dim = int(dim * mult)
-        self.net = nn.ModuleList([_ACTIVATIONS[activation_fn](dim, inner_dim), nn.Dropout(dropout),
+        self.net = nn.ModuleList([_ACTIVATIONS[activation_fn](dim, inner_dim), dropout_layer(dropout),
                                   nn.Linear(inner_dim, dim_out if dim_out is not None else dim)])
 
     def forward(self, x):
