@@ -85,3 +85,26 @@ def test_vae_switches_match_diffusers(pipe, tiny_sd_path):
     np.testing.assert_allclose(tiled, run(reference), atol=1e-5)
     pipe.disable_vae_tiling()
     assert not pipe.vae.use_slicing and not pipe.vae.use_tiling
+
+
+def test_recordings_tell_processor_settings_apart(pipe):
+    # A recording bakes in an attention processor's Python settings (an IP-Adapter's scale), so they must be
+    # part of what tells recordings apart, processors with weights (submodules) included.
+    from diffloom_speed.step_graphs import _models_state
+
+    class ScaledProcessor(torch.nn.Module):
+        def __init__(self, processor):
+            super().__init__()
+            self.inner = processor
+            self.scale = [1.0]
+
+        def forward(self, attn, hidden_states, **kwargs):
+            return self.inner(attn, hidden_states, **kwargs)
+
+    layer = next(m for m in pipe.unet.modules() if type(m).__name__ == "Attention")
+    layer.set_processor(ScaledProcessor(layer.processor))
+    before = _models_state(pipe)
+    layer.processor.scale = [0.0]
+    assert _models_state(pipe) != before
+    pipe.unet.conv_in.register_forward_hook(lambda module, args, out: out)
+    assert _models_state(pipe) is None, "a torch hook's Python would run only when recording"

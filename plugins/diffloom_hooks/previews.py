@@ -60,14 +60,14 @@ def fit_latent_rgb(vae, samples: int = 8, size: int = 8, seed: int = 0):
 
     config = vae.config
     channels = config.get("latent_channels", 4)
-    factor = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
     parameter = next(vae.parameters())
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn(samples, channels, size, size, generator=generator)
     unscaled = latents / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
     with torch.no_grad():
         decoded = vae.decode(unscaled.to(device=parameter.device, dtype=parameter.dtype)).sample
-    patches = torch.nn.functional.avg_pool2d(decoded.float().cpu(), factor)  # one mean colour per latent pixel
+    # One mean colour per latent pixel.
+    patches = torch.nn.functional.avg_pool2d(decoded.float().cpu(), decoded.shape[-1] // size)
     inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels)
     inputs = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)  # the last row of the solution is the bias
     targets = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])

@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from .step_graphs import CudaGraphSteps
+
 # The methods through which pipelines run a model: a VAE is used through encode/decode, not forward.
 _ENTRY_POINTS = ("forward", "encode", "decode")
 
@@ -34,8 +36,7 @@ class MemoryOptions:
             device = torch.device(device.type, gpu_id)
         elif device.index is None and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        fast_path = self.pipe.__dict__.get("_adapters", {}).get("fast_path")
-        if fast_path is not None and fast_path.graphs is not None:
+        if any(isinstance(hook, CudaGraphSteps) for hook in self.pipe.hooks):
             raise RuntimeError("enable_model_cpu_offload cannot run with the fast path (its CUDA graphs need the "
                                "models to stay on the GPU); call pipe.disable_fast_path() first")
         self.remove_all_hooks()

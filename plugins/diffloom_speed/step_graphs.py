@@ -80,7 +80,8 @@ def _models_state(pipe):
         for module in component.modules():
             if module._forward_hooks or module._forward_pre_hooks:
                 return None
-            processor = module.__dict__.get("processor")
+            # A processor with weights (an IP-Adapter's) is a submodule, kept in _modules rather than __dict__.
+            processor = module.__dict__.get("processor") or module._modules.get("processor")
             if processor is not None:
                 settings = tuple((k, v) for k, v in vars(processor).items() if _is_primitive(v))
                 state.append((id(module), id(processor), settings))
@@ -148,7 +149,8 @@ class CudaGraphSteps:
             recording.graph.replay()
             # The output buffer is overwritten by the next replay, and the scheduler may keep what it is given.
             step.noise_pred = recording.output.clone()
-            self.replays += 1
+            with self._lock:
+                self.replays += 1
         finally:
             self._checkin(signature, recording)
         return pipe.scheduler_step(call, step)
@@ -198,5 +200,6 @@ class CudaGraphSteps:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             output = body()
         static_step.model_output = None
-        self.captures += 1
+        with self._lock:
+            self.captures += 1
         return _Recording(graph, static, output)
