@@ -160,3 +160,29 @@ def test_model_cpu_offload_matches_and_keeps_models_off_the_gpu(tiny_sd_path):
     pipe.remove_all_hooks()
     pipe.to("cuda")
     assert np.abs(run(pipe) - expected).max() <= TOL
+
+
+def test_fast_path_follows_processor_settings(tiny_sd_path):
+    # An IP-Adapter-like processor (a module with a Python scale): changing the scale between calls must give
+    # a new recording, not replay the old scale.
+    class ScaledProcessor(torch.nn.Module):
+        def __init__(self, processor):
+            super().__init__()
+            self.inner = processor
+            self.scale = [1.0]
+
+        def forward(self, attn, hidden_states, **kwargs):
+            return self.inner(attn, hidden_states, **kwargs) * self.scale[0]
+
+    pipe = sd_pipe(tiny_sd_path)
+    layer = next(m for m in pipe.unet.modules() if type(m).__name__ == "Attention")
+    layer.set_processor(ScaledProcessor(layer.processor))
+    layer.processor.scale = [0.5]
+    eager_half = run(pipe)
+    layer.processor.scale = [1.0]
+    pipe.enable_fast_path(compile=False)
+    full = run(pipe)
+    layer.processor.scale = [0.5]
+    half = run(pipe)
+    assert pipe.hooks[-1].captures == 2
+    assert psnr(half, eager_half) >= 35 and psnr(half, full) < psnr(half, eager_half)

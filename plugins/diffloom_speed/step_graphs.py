@@ -39,6 +39,11 @@ def _is_primitive(value) -> bool:
     return isinstance(value, _PRIMITIVES) or isinstance(value, torch.dtype)
 
 
+def _frozen(value):
+    """A primitive value as a dictionary key can hold it: lists become tuples."""
+    return tuple(map(_frozen, value)) if isinstance(value, (list, tuple)) else value
+
+
 def _split(value, tensors: list, layout: list, path: str = "") -> bool:
     """Walk a nest of dicts, lists and tuples: tensors go to ``tensors``, everything else (and each tensor's
     shape, dtype and device) to ``layout``. False when a leaf is neither a tensor nor a primitive value."""
@@ -52,8 +57,10 @@ def _split(value, tensors: list, layout: list, path: str = "") -> bool:
     if isinstance(value, (list, tuple)) and not _is_primitive(value):
         layout.append((path, type(value).__name__, len(value)))
         return all(_split(v, tensors, layout, f"{path}[{i}]") for i, v in enumerate(value))
-    layout.append((path, value))
-    return _is_primitive(value)
+    if not _is_primitive(value):
+        return False
+    layout.append((path, _frozen(value)))
+    return True
 
 
 def _rebuild(value, static: list):
@@ -83,7 +90,7 @@ def _models_state(pipe):
             # A processor with weights (an IP-Adapter's) is a submodule, kept in _modules rather than __dict__.
             processor = module.__dict__.get("processor") or module._modules.get("processor")
             if processor is not None:
-                settings = tuple((k, v) for k, v in vars(processor).items() if _is_primitive(v))
+                settings = tuple((k, _frozen(v)) for k, v in vars(processor).items() if _is_primitive(v))
                 state.append((id(module), id(processor), settings))
     return tuple(state)
 
@@ -138,7 +145,7 @@ class CudaGraphSteps:
                   "conditioning": step.conditioning}
         if not _split(inputs, tensors, layout) or not all(t.is_cuda for t in tensors):
             return self._eager_rest(pipe, call, step)
-        settings = tuple((k, v) for k, v in sorted(call.settings.items()) if _is_primitive(v))
+        settings = tuple((k, _frozen(v)) for k, v in sorted(call.settings.items()) if _is_primitive(v))
         signature = (id(pipe), models, tuple(layout), call.guidance_scale, settings)
         recording = self._checkout(signature)
         if recording is None:
