@@ -177,6 +177,7 @@ def unet_pair(request, tmp_path_factory):
 @torch.no_grad()
 def test_unet2d_matches_diffusers(unet_pair):
     name, ref, ours, _ = unet_pair
+    assert [n for n, _ in ours.named_children()] == [n for n, _ in ref.named_children()]
     torch.manual_seed(1)
     sample = torch.randn(2, 3, 16, 24)
     labels = _class_labels(name, 2, UNET_CONFIGS[name])

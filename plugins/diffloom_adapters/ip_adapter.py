@@ -227,7 +227,7 @@ class IPAdapter:
         """IP-Adapter processors for the cross-attention layers; the others keep theirs."""
         processors = dict(unet.attn_processors)
         layers = dict(unet.named_modules())
-        for index, name in enumerate(_published_order(processors)):
+        for index, name in enumerate(processors):
             attn = layers[name.removesuffix(".processor")]
             if name.endswith("attn1.processor"):
                 continue
@@ -353,13 +353,6 @@ class IPAdapter:
         for name in saved["added"]:
             self.pipe.register_modules(**{name: None})
         self._saved = None
-
-
-def _published_order(names) -> list[str]:
-    """Attention layer names in the order IP-Adapter files number them: the original UNet lists its down blocks,
-    then its up blocks, then the middle block (diffloom's UNet holds the middle block before the up blocks)."""
-    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
-    return sorted(names, key=lambda name: group.get(name.split(".")[0], 3))
 
 
 def _as_list(value) -> list:

@@ -254,6 +254,9 @@ class UNet2DModel(ModelMixin, AttentionProcessorMixin):
                 add_downsample=i < len(block_out_channels) - 1, attention_head_dim=head_dim(out),
                 downsample_padding=downsample_padding, downsample_type=downsample_type, **shared))
             channels = out
+        # Registered before the middle block, as diffusers does: module, state-dict and attn_processors order
+        # then match (IP-Adapter files number attention layers in that order).
+        self.up_blocks = nn.ModuleList()
 
         self.mid_block = None
         if mid_block_type is not None:
@@ -263,7 +266,6 @@ class UNet2DModel(ModelMixin, AttentionProcessorMixin):
                 resnet_time_scale_shift=resnet_time_scale_shift, attention_head_dim=head_dim(block_out_channels[-1]),
                 resnet_groups=norm_num_groups, attn_groups=attn_norm_num_groups, add_attention=add_attention)
 
-        self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         prev = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):

@@ -437,12 +437,15 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbe
         self.down_blocks = build_down_blocks(down_block_types, block_out_channels, layers, depths, heads,
                                              context_dims, only_cross, temb_channels,
                                              downsample_padding=downsample_padding, **shared)
+        # Registered before the middle block, as diffusers does: module, state-dict and attn_processors order
+        # then match (IP-Adapter files number attention layers in that order).
+        self.up_blocks = nn.ModuleList()
         self.mid_block = build_mid_block(mid_block_type, block_out_channels[-1], temb_channels, depths[-1],
                                          heads[-1], context_dims[-1], mid_block_scale_factor=mid_block_scale_factor,
                                          **shared)
 
-        self.up_blocks = build_up_blocks(up_block_types, block_out_channels, layers, up_depths, heads, context_dims,
-                                         only_cross, temb_channels, **shared)
+        self.up_blocks.extend(build_up_blocks(up_block_types, block_out_channels, layers, up_depths, heads,
+                                              context_dims, only_cross, temb_channels, **shared))
         self.num_upsamplers = n - 1
 
         if norm_num_groups is not None:
