@@ -56,9 +56,11 @@ def _library_and_class(component) -> list:
     return [cls.__module__.split(".")[0], name]
 
 
-def _resolve_class(library, class_name, where):
-    # diffusers names its own classes by library "diffusers" or by a pipeline module ("stable_diffusion"):
-    # both are served by whatever plugin registered that class name.
+def resolve_class(library, class_name, where):
+    """The class a ``model_index.json`` entry ``[library, class_name]`` names; ``where`` prefixes errors.
+
+    diffusers names its own classes by library "diffusers" or by a pipeline module ("stable_diffusion"): both
+    are served by whatever plugin registered that class name."""
     if library not in _OWN_LIBRARIES:
         try:
             module = importlib.import_module(library)
@@ -75,7 +77,7 @@ def _resolve_class(library, class_name, where):
     return cls
 
 
-def _init_parameters(cls) -> tuple[list[str], list[str]]:
+def init_parameters(cls) -> tuple[list[str], list[str]]:
     """(required, optional) argument names of a pipeline's ``__init__``."""
     required, optional = [], []
     for name, p in inspect.signature(cls.__init__).parameters.items():
@@ -146,7 +148,7 @@ class DiffusionPipeline(ConfigMixin):
     @property
     def components(self) -> dict[str, Any]:
         """Every ``__init__`` argument's current value: pass it to another pipeline's constructor."""
-        required, optional = _init_parameters(type(self))
+        required, optional = init_parameters(type(self))
         return {name: self._components.get(name, self.config.get(name))
                 for name in required + optional if name in self._components or name in self.config}
 
@@ -332,7 +334,7 @@ class DiffusionPipeline(ConfigMixin):
         config = read_json(index_path)
         pipeline_class = cls._pipeline_class_for(config, index_path, custom_pipeline, custom_revision,
                                                  trust_remote_code, source, hub_kwargs)
-        required, optional = _init_parameters(pipeline_class)
+        required, optional = init_parameters(pipeline_class)
         folder_names = [n for n in required + optional if isinstance(config.get(n), (list, tuple))]
         patterns = ["*.json", "*.txt", "*.model", "*.py"] + [f"{n}/*" for n in folder_names]
         root = hub.resolve_folder(source, allow_patterns=patterns, **hub_kwargs)
@@ -375,7 +377,7 @@ class DiffusionPipeline(ConfigMixin):
         use_safetensors = kwargs.pop("use_safetensors", None)
         for key in ("low_cpu_mem_usage", "device_map"):
             kwargs.pop(key, None)
-        required, optional = _init_parameters(cls)
+        required, optional = init_parameters(cls)
         components = {}
         for name in required + optional:
             if name in kwargs:
@@ -395,7 +397,7 @@ class DiffusionPipeline(ConfigMixin):
                 components[name] = None
                 continue
             dtype = torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, dict) else torch_dtype
-            components[name] = _load_component(root, name, library, class_name, as_dtype(dtype), variant,
+            components[name] = load_component(root, name, library, class_name, as_dtype(dtype), variant,
                                                use_safetensors, allow_pickle, index_path)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {sorted(kwargs)}; "
@@ -410,7 +412,7 @@ class DiffusionPipeline(ConfigMixin):
         unless ``torch_dtype`` is given); keyword arguments replace components or settings."""
         torch_dtype = kwargs.pop("torch_dtype", None)
         target = cls._from_pipe_class(pipeline)
-        required, optional = _init_parameters(target)
+        required, optional = init_parameters(target)
         available = {**pipeline.components, **pipeline._components}
         components = {}
         for name in required + optional:
@@ -473,9 +475,11 @@ def _accepts(fn, name) -> bool:
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
-def _load_component(root: Path, name, library, class_name, dtype, variant, use_safetensors, allow_pickle, index_path):
+def load_component(root: Path, name, library, class_name, dtype, variant, use_safetensors, allow_pickle, index_path):
+    """Load component ``name`` from ``root/name`` with the class its index entry names (models in ``dtype``);
+    loaders of other layouts (single files) use it for the components they read from a folder."""
     where = f"{index_path} entry {name!r}"
-    cls = _resolve_class(library, class_name, where)
+    cls = resolve_class(library, class_name, where)
     folder = root / name
     if not folder.is_dir():
         raise PipelineError(f"{where} names {class_name}, but {folder} does not exist")

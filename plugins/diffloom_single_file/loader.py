@@ -17,7 +17,7 @@ import torch
 from diffloom import hub
 from diffloom.configuration import read_json
 from diffloom.modeling import ModelMixin, as_dtype, load_pickle, load_safetensors
-from diffloom.pipeline import DiffusionPipeline, _init_parameters, _load_component, _resolve_class
+from diffloom.pipeline import DiffusionPipeline, init_parameters, load_component, resolve_class
 from diffloom.registry import registry
 
 from . import families, keys, original_config as ldm_config
@@ -174,7 +174,7 @@ def load_pipeline(cls, source, config=None, original_config=None, torch_dtype=No
         class_name = (_index_entry(root, "_class_name") if root is not None else None) or family.pipeline
         cls = registry.get("pipeline", class_name)
     parts = split(tensors, family, source)
-    required, optional = _init_parameters(cls)
+    required, optional = init_parameters(cls)
     for name in required + optional:
         # Checked first: a missing tokenizer is the usual mistake, and no amount of weights fixes it.
         if name.startswith("tokenizer") and name not in kwargs and _index_entry(root, name) is None \
@@ -189,7 +189,7 @@ def load_pipeline(cls, source, config=None, original_config=None, torch_dtype=No
         else:
             entry = _index_entry(root, name)
             if isinstance(entry, (list, tuple)) and entry[0] is not None and not _has_weights(root, name, entry):
-                components[name] = _load_component(root, name, entry[0], entry[1], None, None, None, False,
+                components[name] = load_component(root, name, entry[0], entry[1], None, None, None, False,
                                                    root / "model_index.json")
             elif entry is not None and not isinstance(entry, (list, tuple)):
                 components[name] = entry  # a plain setting such as requires_safety_checker
@@ -208,7 +208,7 @@ def load_pipeline(cls, source, config=None, original_config=None, torch_dtype=No
 def _has_weights(root, name, entry) -> bool:
     """Models other than the file's (safety checker, image encoder) are not read from config=: only its config
     and tokenizer files are, so a Hub id costs no weight download."""
-    return issubclass(_resolve_class(entry[0], entry[1], f"{root} entry {name!r}"), torch.nn.Module)
+    return issubclass(resolve_class(entry[0], entry[1], f"{root} entry {name!r}"), torch.nn.Module)
 
 
 def _file_component(name, parts, family, root, ldm, dtype, source, cls, required):
