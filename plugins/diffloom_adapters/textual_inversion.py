@@ -45,6 +45,9 @@ class TextualInversionAdapter:
         sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
             else [pretrained_model_name_or_path]
         tokens = token if isinstance(token, list) else [token] * len(sources)
+        if len(sources) == 1 and len(tokens) > 1 and torch.is_tensor(sources[0]) and sources[0].ndim == 2:
+            # One tensor of n vectors for n tokens (SDXL pivotal-tuning files: "<s0>", "<s1>"): a vector each.
+            sources = list(sources[0])
         if len(tokens) != len(sources):
             raise ValueError(f"got {len(sources)} embeddings but {len(tokens)} tokens; pass one token per embedding")
 
@@ -93,9 +96,13 @@ class TextualInversionAdapter:
         elif len(data) == 1:  # diffusers
             (loaded, vectors), = data.items()
         else:
+            hint = ("; an SDXL embedding holds a tensor per text encoder: load its 'clip_l' tensor with "
+                    "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer and its 'clip_g' tensor with "
+                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2") \
+                if {"clip_l", "clip_g"} <= set(data) else ""
             raise ValueError(f"{source if not isinstance(source, dict) else 'the state dict'} is no textual "
                              f"inversion embedding: expected one {{token: tensor}} entry, 'string_to_param' or "
-                             f"'emb_params', found keys {sorted(data)[:6]}")
+                             f"'emb_params', found keys {sorted(data)[:6]}{hint}")
         token = token or loaded
         if token is None:
             raise ValueError("the embedding names no token; pass token=")
