@@ -152,14 +152,19 @@ def test_model_cpu_offload_matches_and_keeps_models_off_the_gpu(tiny_sd_path):
     assert pipe.device.type == "cuda" and pipe.unet.device.type == "cpu"
     images = run(pipe)
     assert np.abs(images - expected).max() <= TOL, np.abs(images - expected).max()
-    # Only the last model used (the VAE) is left on the GPU.
+    # Only the last model used (the VAE) is left on the GPU; the others wait in pinned memory.
     assert pipe.vae.device.type == "cuda" and pipe.unet.device.type == "cpu"
-    assert pipe.text_encoder.device.type == "cpu"
+    assert pipe.text_encoder.device.type == "cpu" and pipe.unet.conv_in.weight.is_pinned()
+    # A weight changed on the GPU (as by fusing a LoRA) goes back with the model, not lost.
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.add_(0.1)
+    changed = run(pipe)
+    assert np.abs(run(pipe) - changed).max() == 0 and np.abs(changed - expected).max() > 0.05
     with pytest.raises(RuntimeError, match="offloads its models"):
         pipe.enable_fast_path()
     pipe.remove_all_hooks()
     pipe.to("cuda")
-    assert np.abs(run(pipe) - expected).max() <= TOL
+    assert np.abs(run(pipe) - changed).max() <= TOL
 
 
 def test_fast_path_follows_processor_settings(tiny_sd_path):
