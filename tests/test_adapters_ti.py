@@ -127,3 +127,22 @@ def test_second_text_encoder_by_argument(sd, tmp_path):
     assert ours.maybe_convert_prompt("a <two>", tokenizer) == "a <two> <two>_1"
     ours.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
     assert len(tokenizer) == before and encoder.get_input_embeddings().weight.shape[0] == before
+
+
+def test_pipeline_saved_with_an_embedding_reads_back_like_diffusers(tiny_sd_path, tmp_path):
+    # The tokenizer and text encoder of the saved folder carry the added words; no adapter has loaded them in
+    # this process, yet prompts must be spelled out (and unloading must work) exactly as in diffusers.
+    donor = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    donor.load_textual_inversion({"<dog>": vectors(3, 4)})
+    donor.save_pretrained(tmp_path / "with-dog")
+    ours = StableDiffusionPipeline.from_pretrained(tmp_path / "with-dog")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "with-dog")
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of the <dog>"
+    assert ours.maybe_convert_prompt(prompt, ours.tokenizer) == "a photo of the <dog> <dog>_1 <dog>_2"
+    assert max_diff(run(ours, prompt), run(ref, prompt)) == 0
+    ours.unload_textual_inversion()
+    ref.unload_textual_inversion()
+    assert len(ours.tokenizer) == len(ref.tokenizer)
+    assert max_diff(run(ours, "a photo of the cat"), run(ref, "a photo of the cat")) == 0

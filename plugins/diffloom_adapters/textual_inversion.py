@@ -3,7 +3,8 @@
 An embedding file holds one or more learned vectors for a token. Loading adds the token to the tokenizer and
 its vectors as new rows of the text encoder's input embedding. An embedding of ``n > 1`` vectors becomes the
 tokens ``tok``, ``tok_1`` ... ``tok_{n-1}``, and the pipeline asks this adapter to rewrite prompts
-(``maybe_convert_prompt``) so that ``tok`` stands for all of them.
+(``maybe_convert_prompt``) so that ``tok`` stands for all of them. Like diffusers, it reads the added words from
+the tokenizer itself, so a pipeline saved with an embedding loaded and read back behaves the same.
 
 File layouts read: diffusers' ``{token: tensor}``, A1111's ``{"string_to_param": {"*": tensor}, "name": ...}``
 (pickled) and ``{"emb_params": tensor}`` (safetensors, the token being the file name unless ``token=`` is
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -30,8 +32,6 @@ class TextualInversionAdapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        # id(tokenizer) -> (tokenizer, text encoder, [added tokens]), for prompt conversion and unloading
-        self.loaded: dict[int, tuple] = {}
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                weight_name: str | None = None, subfolder: str | None = None, allow_pickle=False,
@@ -74,8 +74,6 @@ class TextualInversionAdapter:
         embedding = text_encoder.get_input_embeddings()
         with torch.no_grad():
             embedding.weight[ids] = torch.cat(new_vectors).to(embedding.weight.device, embedding.weight.dtype)
-        entry = self.loaded.setdefault(id(tokenizer), (tokenizer, text_encoder, []))
-        entry[2].extend(new_tokens)
 
     @staticmethod
     def _read(source, token, weight_name, subfolder, allow_pickle, hub_kwargs) -> tuple[str, torch.Tensor]:
@@ -110,15 +108,15 @@ class TextualInversionAdapter:
 
     def maybe_convert_prompt(self, prompt, tokenizer):
         """Spell out multi-vector tokens: ``"a <cat>"`` becomes ``"a <cat> <cat>_1 <cat>_2"``."""
-        entry = self.loaded.get(id(tokenizer))
-        if entry is None or prompt is None:
+        added = added_words(tokenizer)
+        if not added or prompt is None:
             return prompt
         if isinstance(prompt, list):
-            return [self._convert(p, tokenizer, entry[2]) for p in prompt]
-        return self._convert(prompt, tokenizer, entry[2])
+            return [self._convert(p, tokenizer, added) for p in prompt]
+        return self._convert(prompt, tokenizer, added)
 
     @staticmethod
-    def _convert(prompt: str, tokenizer, added: list[str]) -> str:
+    def _convert(prompt: str, tokenizer, added: set[str]) -> str:
         for token in dict.fromkeys(tokenizer.tokenize(prompt)):
             if token in added and f"{token}_1" in added:
                 extra = []
@@ -128,20 +126,21 @@ class TextualInversionAdapter:
         return prompt
 
     def unload_textual_inversion(self, tokens=None, tokenizer=None, text_encoder=None):
-        """Remove loaded tokens (all of them by default) from the tokenizer and their rows from the text encoder."""
+        """Remove added words (all of them by default) from the tokenizer and their rows from the text encoder."""
         tokenizer = tokenizer if tokenizer is not None else self.pipe.tokenizer
         text_encoder = text_encoder if text_encoder is not None else self.pipe.text_encoder
-        entry = self.loaded.get(id(tokenizer))
-        added = entry[2] if entry is not None else []
+        added = added_words(tokenizer)
         if tokens is None:
-            remove = list(added)
+            remove = sorted(added)
         else:
             asked = [tokens] if isinstance(tokens, str) else list(tokens)
             unknown = [t for t in asked if t not in added]
             if unknown:
-                raise ValueError(f"tokens {unknown} were not loaded by load_textual_inversion; loaded: {added}")
+                raise ValueError(f"tokens {unknown} were not loaded by load_textual_inversion; loaded: "
+                                 f"{sorted(added)}")
             # A multi-vector token goes with its _1, _2 ... companions.
-            remove = [t for t in added if t in asked or any(t.startswith(a + "_") for a in asked)]
+            companions = re.compile("|".join(re.escape(a) + r"_\d+" for a in asked))
+            remove = [t for t in added if t in asked or companions.fullmatch(t)]
         if not remove:
             return
         ids = set(tokenizer.convert_tokens_to_ids(remove))
@@ -154,9 +153,13 @@ class TextualInversionAdapter:
             smaller.weight.copy_(embedding.weight[keep])
         text_encoder.set_input_embeddings(smaller)
         text_encoder.config.vocab_size = len(keep)
-        entry[2][:] = [t for t in added if t not in remove]
-        if not entry[2]:
-            del self.loaded[id(tokenizer)]
+
+
+def added_words(tokenizer) -> set[str]:
+    """The words added to ``tokenizer`` after training (loaded embeddings), special tokens aside."""
+    if tokenizer is None:
+        return set()
+    return set(tokenizer.added_tokens_encoder) - set(tokenizer.all_special_tokens)
 
 
 def _remove_added_tokens(tokenizer, remove: set[str]):

@@ -279,7 +279,12 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
 
     def maybe_convert_prompt(self, prompt, tokenizer):
         """The prompt as ``tokenizer`` should read it: adapters that add words (textual inversion's multi-vector
-        tokens) may rewrite it through their own ``maybe_convert_prompt``; with none loaded it is unchanged."""
+        tokens) may rewrite it through their own ``maybe_convert_prompt``; with none loaded it is unchanged.
+
+        A tokenizer can arrive with words added already (a folder saved after loading an embedding): the adapter
+        that loads such words is then brought in to spell them out, as diffusers always does."""
+        if tokenizer is not None and set(tokenizer.added_tokens_encoder) - set(tokenizer.all_special_tokens):
+            self._adapter_method("load_textual_inversion")
         for adapter in self.__dict__.get("_adapters", {}).values():
             convert = getattr(adapter, "maybe_convert_prompt", None)
             if convert is not None:
