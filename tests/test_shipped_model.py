@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import diffloom
 from diffloom import DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import diffloom_faces.models
@@ -222,3 +223,25 @@ def test_diffusers_reads_the_shipped_folder_and_draws_the_same(pipe, defaults):
     ours = pipe(prompt, generator=torch.Generator().manual_seed(7), output_type="np", **defaults).images
     theirs = reference(prompt, generator=torch.Generator().manual_seed(7), output_type="np", **defaults).images
     assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_previews_of_this_vae_use_a_map_fitted_to_it(pipe):
+    # Its scaling factor belongs to neither SD family, so the SD table would give false colours.
+    from diffloom import LatentPreview
+    from diffloom_hooks.previews import fit_latent_rgb, guess_family, latents_to_rgb
+
+    assert guess_family(pipe) is None
+    previews, seen = [], []
+
+    class Keep:
+        @diffloom.hookimpl
+        def on_step_end(self, pipe, call, step):
+            seen.append(step.latents[0].clone())
+
+    pipe("a red circle on a white background", num_inference_steps=2, output_type="latent",
+         generator=torch.Generator().manual_seed(0),
+         hooks=[LatentPreview(lambda i, image: previews.append(image)), Keep()])
+    fitted = fit_latent_rgb(pipe.vae)
+    assert len(previews) == 2
+    for image, latents in zip(previews, seen):
+        assert np.array_equal(np.asarray(image), np.asarray(latents_to_rgb(latents, rgb_map=fitted)))

@@ -4,9 +4,9 @@ The 4x3 maps approximate the VAE decoders of Stable Diffusion 1.x/2.x and SDXL w
 form (the widely used community constants). The family is told apart by the VAE's ``scaling_factor``
 (0.13025 for SDXL's VAE, 0.18215 for SD 1.x/2.x) unless ``family`` is given.
 
-Any other VAE gets false colours from those tables. :func:`fit_latent_rgb` measures a map for the VAE at hand
-instead: it decodes a few seeded random latents once and solves for the linear map (plus bias) that best predicts
-the mean colour of each latent pixel's patch, by least squares. Pass the result as ``rgb_map=``.
+Any other VAE would get false colours from those tables. For it, :func:`fit_latent_rgb` measures a map instead
+(once per VAE): it decodes a few seeded random latents and solves for the linear map (plus bias) that best
+predicts the mean colour of each latent pixel's patch, by least squares. A map can also be given as ``rgb_map=``.
 """
 
 from __future__ import annotations
@@ -75,17 +75,24 @@ def fit_latent_rgb(vae, samples: int = 8, size: int = 8, seed: int = 0):
     return solution[:channels].tolist(), solution[channels].tolist()
 
 
-def guess_family(pipe) -> str:
+_FAMILY_SCALING_FACTORS = {"sdxl": 0.13025, "sd": 0.18215}
+
+
+def guess_family(pipe) -> str | None:
+    """The family whose table fits ``pipe``'s VAE, told by its scaling factor; None for any other VAE."""
     vae = getattr(pipe, "vae", None)
     factor = getattr(getattr(vae, "config", None), "get", lambda *_: None)("scaling_factor")
-    return "sdxl" if factor is not None and abs(factor - 0.13025) < 1e-4 else "sd"
+    if factor is None:
+        return "sd"
+    return next((family for family, known in _FAMILY_SCALING_FACTORS.items() if abs(factor - known) < 1e-4), None)
 
 
 class LatentPreview:
     """After every ``every``-th step, turn the first image's latents into a small RGB preview.
 
     ``target`` is a folder (previews are written as ``step_0000.png``...) or a function
-    ``target(step_index, image)``. ``rgb_map`` (from :func:`fit_latent_rgb`) replaces the family's table.
+    ``target(step_index, image)``. ``rgb_map`` (from :func:`fit_latent_rgb`) replaces the family's table; with
+    neither given, a VAE of no known family gets a map fitted to it on first use.
     """
 
     def __init__(self, target, every: int = 1, family: str | None = None, index: int = 0, rgb_map=None):
@@ -100,6 +107,7 @@ class LatentPreview:
         self.family = family
         self.index = index
         self.rgb_map = rgb_map
+        self._fitted: dict[int, tuple] = {}  # id(vae) -> its fitted map
         if not callable(target):
             os.makedirs(target, exist_ok=True)
 
@@ -107,11 +115,18 @@ class LatentPreview:
     def on_step_end(self, pipe, call, step):
         if step.index % self.every:
             return
+        family, rgb_map = self.family, self.rgb_map
+        if family is None and rgb_map is None:
+            family = guess_family(pipe)
+            if family is None:
+                rgb_map = self._fitted.get(id(pipe.vae))
+                if rgb_map is None:
+                    rgb_map = self._fitted[id(pipe.vae)] = fit_latent_rgb(pipe.vae)
         latents = step.latents
-        channels = len(self.rgb_map[0]) if self.rgb_map is not None else 4
+        channels = len(rgb_map[0]) if rgb_map is not None else 4
         if latents.ndim != 4 or latents.shape[1] != channels:
             return  # not the latent space the map is for: nothing sensible to show
-        image = latents_to_rgb(latents[self.index], self.family or guess_family(pipe), rgb_map=self.rgb_map)
+        image = latents_to_rgb(latents[self.index], family or "sd", rgb_map=rgb_map)
         if callable(self.target):
             self.target(step.index, image)
         else:
