@@ -191,3 +191,24 @@ def test_fast_path_follows_processor_settings(tiny_sd_path):
     half = run(pipe)
     assert pipe.hooks[-1].captures == 2
     assert psnr(half, eager_half) >= 35 and psnr(half, full) < psnr(half, eager_half)
+
+
+def test_fast_path_serves_threads_at_once(tiny_sd_path):
+    # Two threads share one pipeline and its recordings: each call checks a recording out for its step, so
+    # concurrent calls never replay into each other's buffers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = sd_pipe(tiny_sd_path)
+    pipe.enable_fast_path(compile=False)
+
+    def call(seed):
+        out = pipe(prompt=["a photo of the red cat", "the dog"][seed % 2], height=tiny.IMAGE_HEIGHT,
+                   width=tiny.IMAGE_WIDTH, num_inference_steps=4, output_type="np",
+                   generator=torch.Generator("cuda").manual_seed(seed))
+        return np.asarray(out.images, dtype=np.float32)
+
+    alone = [call(seed) for seed in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(call, range(6)))
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
