@@ -212,3 +212,19 @@ def test_fast_path_serves_threads_at_once(tiny_sd_path):
         together = list(pool.map(call, range(6)))
     for a, b in zip(alone, together):
         assert np.array_equal(a, b)
+
+
+def test_sdxl_float16_vae_first_upcasts_only_on_overflow(tiny_sdxl_path):
+    pipe = diffloom.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, torch_dtype=torch.float16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.force_upcast
+    upcast = run(pipe)
+    pipe.vae_float16_first = True
+    assert psnr(run(pipe), upcast) >= 35
+    # A decoder that overflows in float16 (but not in float32) falls back to the float32 decode, exactly.
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(1e5)
+    pipe.vae_float16_first = False
+    overflowing = run(pipe)
+    pipe.vae_float16_first = True
+    assert np.array_equal(run(pipe), overflowing)

@@ -97,6 +97,10 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
     _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder",
                             "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+    # A VAE whose config asks for float32 (force_upcast) decodes in float32, as in diffusers. True: decode in
+    # float16 first and upcast only when that overflows (a non-finite result), which many fine-tuned VAEs never
+    # do; about twice as fast. The fast path turns it on.
+    vae_float16_first = False
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
@@ -260,16 +264,21 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
     # -- decoding ----------------------------------------------------------------------------------------------
 
     def decode_latents(self, latents):
+        upcasts = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcasts and self.vae_float16_first:
+            image = self._decode(latents)
+            if torch.isfinite(image).all():
+                return image
         with vae_in_float32(self.vae) as upcast:
-            if upcast:
-                latents = latents.to(torch.float32)
-            mean, std = latents_normalization(self.vae, latents)
-            if mean is not None:
-                latents = latents * std / self.vae.config.scaling_factor + mean
-            else:
-                latents = latents / self.vae.config.scaling_factor
-            image = self.vae.decode(latents, return_dict=False)[0]
-        return image
+            return self._decode(latents.to(torch.float32) if upcast else latents)
+
+    def _decode(self, latents):
+        mean, std = latents_normalization(self.vae, latents)
+        if mean is not None:
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
 
     def encode_image(self, image, generator, dtype, normalize: bool = True):
         """Scaled latents of an image batch, normalised with the VAE's latent statistics when it has them and

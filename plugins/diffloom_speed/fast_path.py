@@ -7,8 +7,9 @@
   call pays the compilation; Inductor caches its output on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
   the system's temporary folder), so later processes compile much faster.
 
-Both put the convolutional models in channels-last layout, which the GPU's convolution kernels prefer. Images
-differ from eager ones only by float16 rounding (different kernels sum in a different order).
+Both put the convolutional models in channels-last layout, which the GPU's convolution kernels prefer, and let
+SDXL pipelines decode in float16 unless that overflows (``vae_float16_first``). Images differ from eager ones
+only by float16 rounding (different kernels sum in a different order).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class FastPath:
                 if isinstance(module, torch.nn.Module):
                     module.compile(options=INDUCTOR_OPTIONS)
                     self._compiled.append(module)
+        if hasattr(type(pipe), "vae_float16_first"):
+            pipe.vae_float16_first = True
         self.graphs = CudaGraphSteps()
         pipe.hooks.append(self.graphs)
 
@@ -67,6 +70,7 @@ class FastPath:
             # nn.Module.compile() keeps the compiled callable here; there is no public way to drop it.
             module._compiled_call_impl = None
         self._compiled = []
+        pipe.__dict__.pop("vae_float16_first", None)
         for component in _CONVOLUTIONAL:
             module = pipe.components.get(component)
             if isinstance(module, torch.nn.Module):
