@@ -17,7 +17,8 @@ A mode is ``library:name``; each is one row per model and batch size:
 
 A new mode is one more entry in ``MODES``: a function that takes the loaded pipeline and prepares it.
 
-Each mode runs in a fresh process. Per row: the first call's seconds (compilation included), the median seconds
+Each mode runs in a fresh process. Per row: the first call's seconds (compilation included; diffloom's fast
+path compiles in the background instead, and ``compiled after s`` says when it had finished), the median seconds
 per image of ``--repeats`` further calls, the peak GPU memory allocated during the calls (weights included), the
 largest absolute difference and PSNR (images in [0, 1]) against the first mode's images for the same model, batch
 and seed, and the images' standard deviation and clipped fraction (values exactly 0 or 1), which show when random
@@ -153,7 +154,10 @@ MODES = {"diffusers:eager": lambda pipe: None, "diffloom:eager": lambda pipe: No
          "diffloom:fast": lambda pipe: pipe.enable_fast_path(),
          # The same as diffloom:fast, in a process that finds the first one's compiled artefacts on disk.
          "diffloom:fast-cached": lambda pipe: pipe.enable_fast_path(),
-         "diffusers:offload": offload, "diffloom:offload": offload}
+         "diffusers:offload": offload, "diffloom:offload": offload,
+         # Both libraries eager in one process, their calls alternating: drifts of the machine (clocks, other
+         # tenants) hit both alike, so the ratio of the two rows is steadier than across processes.
+         "both:eager-interleaved": lambda pipe: None}
 
 
 class StageTimer:
@@ -217,6 +221,8 @@ def measure(model: str, mode: str, folder: Path, batches: list[int], run: dict, 
     """One mode, in a process of its own: writes a row per batch to ``out/rows.json`` and the first call's images
     to ``out/batch<N>.npy``."""
     library = mode.split(":")[0]
+    if library == "both":
+        return measure_interleaved(model, mode, folder, batches, run, repeats, device, out)
     pipe = load(library, model, folder, device)
     MODES[mode](pipe)
     rows = []
@@ -224,7 +230,12 @@ def measure(model: str, mode: str, folder: Path, batches: list[int], run: dict, 
         print(f"  {model} {mode} batch {batch} ...", file=sys.stderr, flush=True)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
         images, first = generate(pipe, batch, run, device)
+        # diffloom's fast path compiles in the background; the steady state starts once it has finished.
+        compiled = None
+        if hasattr(pipe, "wait_for_fast_path") and pipe.wait_for_fast_path():
+            compiled = time.perf_counter() - started
         times = [generate(pipe, batch, run, device)[1] for _ in range(repeats)]
         stages = None
         if library == "diffloom" and device == "cuda":
@@ -232,10 +243,35 @@ def measure(model: str, mode: str, folder: Path, batches: list[int], run: dict, 
             generate(pipe, batch, run, device, hooks=[timer])
             stages = timer.stages_ms()
         rows.append(dict(model=model, mode=mode, batch=batch, size=run["size"], steps=run["steps"],
-                         first_call_s=round(first, 3), s_per_image=round(statistics.median(times) / batch, 4),
+                         first_call_s=round(first, 3),
+                         compiled_after_s=None if compiled is None else round(compiled, 1), s_per_image=round(statistics.median(times) / batch, 4),
                          call_s=[round(t, 4) for t in times], stages_ms=stages,
                          peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None))
         np.save(out / f"batch{batch}.npy", images)
+    (out / "rows.json").write_text(json.dumps(rows))
+
+
+def measure_interleaved(model: str, mode: str, folder: Path, batches: list[int], run: dict, repeats: int,
+                        device: str, out: Path) -> None:
+    """Both libraries' pipelines in one process, called in turn: a row per library and batch (no peak memory,
+    which the two share)."""
+    name = mode.split(":")[1]
+    pipes = {library: load(library, model, folder, device) for library in ("diffusers", "diffloom")}
+    rows = []
+    for batch in batches:
+        print(f"  {model} {mode} batch {batch} ...", file=sys.stderr, flush=True)
+        firsts = {library: generate(pipe, batch, run, device) for library, pipe in pipes.items()}
+        times = {library: [] for library in pipes}
+        for _ in range(repeats):
+            for library, pipe in pipes.items():
+                times[library].append(generate(pipe, batch, run, device)[1])
+        for library, (images, first) in firsts.items():
+            rows.append(dict(model=model, mode=f"{library}:{name}", batch=batch, size=run["size"], steps=run["steps"],
+                             first_call_s=round(first, 3), compiled_after_s=None,
+                             s_per_image=round(statistics.median(times[library]) / batch, 4),
+                             call_s=[round(t, 4) for t in times[library]], stages_ms=None, peak_gib=None,
+                             images=f"{library}-batch{batch}.npy"))
+            np.save(out / f"{library}-batch{batch}.npy", images)
     (out / "rows.json").write_text(json.dumps(rows))
 
 
@@ -256,7 +292,7 @@ def bench(model: str, folder: Path, modes: list[str], batches: list[int], repeat
         if result.returncode != 0:
             sys.exit(f"{' '.join(command)} failed (exit code {result.returncode}); its output is above")
         for row in json.loads((out / "rows.json").read_text()):
-            images = np.load(out / f"batch{row['batch']}.npy")
+            images = np.load(out / row.pop("images", f"batch{row['batch']}.npy"))
             reference = references.setdefault(row["batch"], (mode, images))
             # Random weights can give flat or clipped images, whose differences would say little.
             row.update(compare(images, reference[1]), reference=reference[0], nan=bool(np.isnan(images).any()),
@@ -274,7 +310,8 @@ def table(rows: list[dict]) -> str:
                      f"{r['first_call_s']:>12.2f} {peak:>8} {r['max_abs_diff']:>10.4f} {r['psnr_db']:>8.1f} "
                      f"{r['image_std']:>6.3f} {r['clipped']:>7.3f}  "
                      f"{r['reference']}{'  NaN!' if r['nan'] else ''}"
-                     f"{'  stages ms ' + str(r['stages_ms']) if r.get('stages_ms') else ''}")
+                     f"{'  stages ms ' + str(r['stages_ms']) if r.get('stages_ms') else ''}"
+                     f"{'  compiled after s ' + str(r['compiled_after_s']) if r.get('compiled_after_s') else ''}")
     return "\n".join(lines)
 
 

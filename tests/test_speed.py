@@ -108,3 +108,83 @@ def test_recordings_tell_processor_settings_apart(pipe):
     assert _models_state(pipe) != before and hash(before) != hash(_models_state(pipe))
     pipe.unet.conv_in.register_forward_hook(lambda module, args, out: out)
     assert _models_state(pipe) is None, "a torch hook's Python would run only when recording"
+
+
+# -- compiling in the background ----------------------------------------------------------------------------------
+
+
+class CountingBackend:
+    """A torch.compile backend that counts its compilations and runs the traced graph as it is."""
+
+    def __init__(self, fail: bool = False):
+        self.compilations = 0
+        self.fail = fail
+
+    def __call__(self, graph_module, example_inputs):
+        if self.fail:
+            raise ValueError("the compiler broke")
+        self.compilations += 1
+        return graph_module.forward
+
+    def compile(self, fn):
+        return torch.compile(fn, backend=self)
+
+
+class SmallConvNet(torch.nn.Module):
+    # Defined here, not built from torch.nn containers: Dynamo does not trace torch's own modules as the outermost
+    # frame, which is how nn.Module.compile() (and the background compiler) enter a model.
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.conv_out = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv_out(torch.nn.functional.silu(self.conv_in(x)))
+
+
+def test_background_compiler_compiles_the_first_calls_inputs_off_the_calling_thread():
+    from diffloom_speed.background_compile import BackgroundCompiler
+
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    backend = CountingBackend()
+    compiler = BackgroundCompiler([model], backend.compile)
+    assert compiler.wait() is False and not compiler.busy, "nothing ran yet, so nothing compiles"
+    with torch.no_grad():
+        assert torch.equal(model(x), expected) and backend.compilations == 0, "the first call runs eagerly"
+        x.mul_(0)  # the worker compiles from its own copy of the first call's inputs
+        compiler.start()
+        assert compiler.wait(timeout=60) is True and compiler.generation == 1
+        assert backend.compilations == 1
+        # The calling thread's calls now run the compiled code, and its guards hold: no second compilation.
+        y = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+        assert torch.allclose(model(y), model._call_impl(y), atol=1e-6)
+        assert backend.compilations == 1
+        # Inputs of a new shape run eagerly until the worker has compiled for them too.
+        z = torch.randn(1, 4, 6, 6)
+        assert torch.equal(model(z), model._call_impl(z)) and backend.compilations == 1 and not compiler.compiled
+        compiler.start()
+        assert compiler.wait(timeout=60) is True and compiler.generation == 2 and backend.compilations == 2
+        model(z), model(y)
+    assert backend.compilations == 2
+    compiler.start()
+    assert compiler.generation == 2 and not compiler.busy, "compiled inputs are not compiled again"
+    compiler.detach()
+    assert model._compiled_call_impl is None
+
+
+def test_background_compiler_reports_failure_and_keeps_models_eager():
+    from diffloom_speed.background_compile import BackgroundCompiler
+
+    model = SmallConvNet()
+    compiler = BackgroundCompiler([model], CountingBackend(fail=True).compile)
+    x = torch.randn(1, 4, 4, 4)
+    model(x)
+    compiler.start()
+    with pytest.raises(RuntimeError, match="(?s)compiling in the background failed.*the compiler broke"):
+        compiler.wait(timeout=60)
+    assert not compiler.compiled and torch.equal(model(x), model._call_impl(x))
+    compiler.start()
+    assert not compiler.busy, "a failed compiler does not retry on every call"

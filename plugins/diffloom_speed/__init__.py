@@ -3,7 +3,7 @@ models) and diffusers' memory options. This module stays light: the switches' mo
 
 from diffloom import hookimpl
 
-FAST_PATH_METHODS = ["enable_fast_path", "disable_fast_path"]
+FAST_PATH_METHODS = ["enable_fast_path", "disable_fast_path", "wait_for_fast_path"]
 MEMORY_METHODS = ["enable_model_cpu_offload", "remove_all_hooks", "enable_vae_slicing", "disable_vae_slicing",
                   "enable_vae_tiling", "disable_vae_tiling"]
 

@@ -2,10 +2,12 @@
 
 - ``compile=False`` (quick mode): every step's denoiser and guidance replay from a CUDA graph recorded over
   the eager kernels (:mod:`.step_graphs`). Ready after one recording, about a second.
-- ``compile=True``: the same graphs, recorded over the UNet and the VAE decoder compiled by ``torch.compile``
-  (Inductor fuses the norms, activations and residual adds that eager runs as separate kernels). The first
-  call pays the compilation; Inductor caches its output on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
-  the system's temporary folder), so later processes compile much faster.
+- ``compile=True``: the same graphs, recorded again over the UNet and the VAE decoder compiled by
+  ``torch.compile`` (Inductor fuses the norms, activations and residual adds that eager runs as separate
+  kernels). Nobody waits for the compiler: calls run in quick mode while a worker thread compiles the models
+  for the first call's shapes (:mod:`.background_compile`); the calls after it has finished run compiled.
+  ``pipe.wait_for_fast_path()`` waits for it. Inductor caches its output on disk (``TORCHINDUCTOR_CACHE_DIR``,
+  by default under the system's temporary folder), so later processes compile much faster.
 
 Both put the convolutional models in channels-last layout, which the GPU's convolution kernels prefer, and let
 SDXL pipelines decode in float16 unless that overflows (``vae_float16_first``). Images differ from eager ones
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from .background_compile import BackgroundCompiler
 from .step_graphs import CudaGraphSteps
 
-# Inductor settings: 1x1 convolutions as matrix multiplies lets Inductor fuse their epilogues.
+# Inductor settings: 1x1 convolutions as matrix multiplies lets Inductor fuse their epilogues. Shapes stay static
+# (dynamic=False): each image size gets kernels of its own, compiled in the background, and CUDA graphs need
+# fixed shapes anyway.
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
 _CONVOLUTIONAL = ("unet", "vae", "controlnet")
 
@@ -27,11 +32,12 @@ class FastPath:
     def __init__(self, pipe):
         self.pipe = pipe
         self.graphs: CudaGraphSteps | None = None
-        self._compiled: list[torch.nn.Module] = []
+        self.compiler: BackgroundCompiler | None = None
 
     def enable_fast_path(self, compile: bool = True):
         """Replay each step's denoiser from a CUDA graph; with ``compile=True`` also compile the UNet and the
-        VAE decoder. Needs the pipeline on a CUDA device. Call again to switch ``compile`` on or off."""
+        VAE decoder, in the background. Needs the pipeline on a CUDA device. Call again to switch ``compile`` on
+        or off."""
         pipe = self.pipe
         name = type(pipe).__name__
         if pipe.device.type != "cuda":
@@ -50,14 +56,20 @@ class FastPath:
             if isinstance(module, torch.nn.Module):
                 module.to(memory_format=torch.channels_last)
         if compile:
-            for module in (pipe.components.get("unet"), getattr(pipe.components.get("vae"), "decoder", None)):
-                if isinstance(module, torch.nn.Module):
-                    module.compile(options=INDUCTOR_OPTIONS)
-                    self._compiled.append(module)
+            models = (pipe.components.get("unet"), getattr(pipe.components.get("vae"), "decoder", None))
+            self.compiler = BackgroundCompiler([m for m in models if isinstance(m, torch.nn.Module)],
+                                               lambda fn: torch.compile(fn, dynamic=False, options=INDUCTOR_OPTIONS))
+            pipe.hooks.append(self.compiler)
         if hasattr(type(pipe), "vae_float16_first"):
             pipe.vae_float16_first = True
-        self.graphs = CudaGraphSteps()
+        self.graphs = CudaGraphSteps(compiler=self.compiler)
         pipe.hooks.append(self.graphs)
+
+    def wait_for_fast_path(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) for the background compilation that the first fast-path call
+        started; re-raise its error. True once the compiled models are in use; False when nothing was
+        compiled (quick mode, or no call yet)."""
+        return self.compiler.wait(timeout) if self.compiler is not None else False
 
     def disable_fast_path(self):
         """Back to eager: recordings dropped, models uncompiled and in their default memory layout."""
@@ -66,10 +78,10 @@ class FastPath:
             self.graphs.clear()
             pipe.hooks.remove(self.graphs)
             self.graphs = None
-        for module in self._compiled:
-            # nn.Module.compile() keeps the compiled callable here; there is no public way to drop it.
-            module._compiled_call_impl = None
-        self._compiled = []
+        if self.compiler is not None:
+            self.compiler.detach()
+            pipe.hooks.remove(self.compiler)
+            self.compiler = None
         pipe.__dict__.pop("vae_float16_first", None)
         for component in _CONVOLUTIONAL:
             module = pipe.components.get(component)

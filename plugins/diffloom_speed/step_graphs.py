@@ -111,7 +111,7 @@ class CudaGraphSteps:
     cuBLAS and cuDNN, and trigger ``torch.compile`` when the model is compiled.
     """
 
-    def __init__(self, warmup: int = 2, max_recordings: int = 4):
+    def __init__(self, warmup: int = 2, max_recordings: int = 4, compiler=None):
         if warmup < 1:
             raise ValueError(f"warmup={warmup}: at least one eager run must precede a CUDA graph capture")
         if max_recordings < 1:
@@ -122,6 +122,9 @@ class CudaGraphSteps:
         self.replays = 0
         self._recordings: OrderedDict = OrderedDict()  # signature -> [idle _Recording]
         self._lock = threading.Lock()
+        # A BackgroundCompiler whose models the denoiser runs: its generation is part of every signature.
+        self.compiler = compiler
+        self._generation = 0
 
     def clear(self):
         """Drop every recording and free its GPU memory pool."""
@@ -146,10 +149,18 @@ class CudaGraphSteps:
         if not _split(inputs, tensors, layout) or not all(t.is_cuda for t in tensors):
             return self._eager_rest(pipe, call, step)
         settings = tuple((k, _frozen(v)) for k, v in sorted(call.settings.items()) if _is_primitive(v))
-        signature = (id(pipe), models, tuple(layout), call.guidance_scale, settings)
+        generation = self.compiler.generation if self.compiler is not None else 0
+        if generation != self._generation:
+            # The models switched to compiled code: recordings over the eager kernels are stale.
+            with self._lock:
+                self._recordings.clear()
+                self._generation = generation
+        signature = (id(pipe), models, tuple(layout), call.guidance_scale, settings, generation)
         recording = self._checkout(signature)
         if recording is None:
-            recording = self._capture(pipe, call, step, inputs, tensors)
+            recording = self._capture_unless_compiling(pipe, call, step, inputs, tensors)
+            if recording is None:
+                return self._eager_rest(pipe, call, step)
         try:
             for static, value in zip(recording.inputs, tensors):
                 static.copy_(value)
@@ -179,10 +190,21 @@ class CudaGraphSteps:
 
     def _checkin(self, signature, recording):
         with self._lock:
+            if signature[-1] != self._generation:
+                return
             self._recordings.setdefault(signature, []).append(recording)
             self._recordings.move_to_end(signature)
             while len(self._recordings) > self.max_recordings:
                 self._recordings.popitem(last=False)
+
+    def _capture_unless_compiling(self, pipe, call, step, inputs, tensors) -> _Recording | None:
+        if self.compiler is None:
+            return self._capture(pipe, call, step, inputs, tensors)
+        # A capture must not overlap the compiler's GPU work (it synchronises the device while tuning kernels).
+        with self.compiler.capture_lock:
+            if self.compiler.busy:
+                return None
+            return self._capture(pipe, call, step, inputs, tensors)
 
     def _capture(self, pipe, call, step, inputs, tensors) -> _Recording:
         static = [t.clone() for t in tensors]
