@@ -18,8 +18,9 @@ import torch
 import diffloom
 import tiny
 from diffloom import (AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image,
-                      DDIMPipeline, DDPMPipeline, SDCFGCutoffCallback, StableDiffusionImg2ImgPipeline,
-                      StableDiffusionInpaintPipeline, StableDiffusionPipeline, hookimpl)
+                      DDIMPipeline, DDPMPipeline, EulerDiscreteScheduler, SDCFGCutoffCallback,
+                      StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                      hookimpl)
 from diffloom.registry import registry
 
 TOL = 1e-4
@@ -580,13 +581,21 @@ def test_txt2img_errors(sd, kwargs, match):
         _run(sd[0], num_inference_steps=2, **kwargs)
 
 
+def test_img2img_strength_below_one_step_runs_pndms_final_timestep(img2img):
+    # int(3 * 0.1) = 0 whole steps remain, but PNDM's schedule ends with one more timestep, which diffusers runs.
+    a, b = compare(*img2img, image=tiny.image(), strength=0.1)
+    assert as_array(a.images).std() > 0
+
+
 def test_image_pipeline_errors(img2img, sd9):
     i2i = img2img[0]
     for strength in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"strength must be in \[0.0, 1.0\]"):
             i2i(PROMPT, image=tiny.image(), strength=strength)
+    euler = StableDiffusionImg2ImgPipeline.from_pipe(i2i, scheduler=EulerDiscreteScheduler.from_config(
+        i2i.scheduler.config))
     with pytest.raises(ValueError, match="leaves 0 denoising steps"):
-        i2i(PROMPT, image=tiny.image(), strength=0.1, num_inference_steps=3)
+        euler(PROMPT, image=tiny.image(), strength=0.1, num_inference_steps=3)
     with pytest.raises(ValueError, match="needs an image"):
         i2i(PROMPT)
     with pytest.raises(ValueError, match="2 generators for 1 images"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import PIL.Image
 import torch
 from torch import nn
 
@@ -96,6 +97,9 @@ class ControlNetMixin:
 
     # The ControlNets' weight changes from step to step (control_guidance_start/end).
     denoiser_components = ()
+    # Whether several ControlNets take a list of lists, one row per prompt (diffusers' SD pipeline does, its SDXL
+    # pipeline does not).
+    rows_of_control_images = True
 
     def control_nets(self) -> list:
         controlnet = self.controlnet
@@ -109,21 +113,27 @@ class ControlNetMixin:
         multi = isinstance(self.controlnet, MultiControlNetModel)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image= (the ControlNet's condition image)")
-        if multi:
-            if not isinstance(image, list) or len(image) != count:
-                got = f"{len(image)} entries" if isinstance(image, list) else type(image).__name__
-                raise ValueError(f"image must be a list of one condition image per ControlNet ({count}), got {got}")
-            images = image
-        else:
-            images = [image]
+        images = self._images_per_net(image, count, self.rows_of_control_images) if multi else [image]
         for k, one in enumerate(images):
-            n = len(one) if isinstance(one, list) else one.shape[0] if torch.is_tensor(one) and one.ndim == 4 else 1
+            # As in diffusers, anything but a PIL image counts its entries along the first axis: a list's
+            # length, a tensor's or an array's first dimension (so a 3-D CHW tensor is three images).
+            n = 1 if isinstance(one, PIL.Image.Image) else len(one)
             if n != 1 and n != prompt_batch:
-                where = f"image[{k}]" if multi else "image"
-                raise ValueError(f"{where} has {n} condition images for {prompt_batch} prompts; pass one image "
-                                 f"for all prompts or one per prompt")
+                where = f"ControlNet {k}'s image" if multi else "image"
+                hint = ""
+                if not isinstance(one, list) and getattr(one, "ndim", 0) == 3:
+                    hint = (" (a 3-D tensor or array is read as a batch along its first axis: pass a 4-D batch, "
+                            "e.g. image[None], or a PIL image)")
+                raise ValueError(f"{where} has {n} condition images for {prompt_batch} prompts{hint}; pass one "
+                                 f"image for all prompts or one per prompt")
         scales = controlnet_conditioning_scale
         if isinstance(scales, (list, tuple)):
+            if not multi:
+                raise TypeError(f"controlnet_conditioning_scale is a {type(scales).__name__}, but there is one "
+                                f"ControlNet: pass a single float")
+            if any(isinstance(s, (list, tuple)) for s in scales):
+                raise ValueError("controlnet_conditioning_scale holds a list per ControlNet; the scale of a "
+                                 "ControlNet is one float for the whole batch")
             if len(scales) != count:
                 raise ValueError(f"controlnet_conditioning_scale has {len(scales)} entries for {count} ControlNets; "
                                  f"pass one scale per ControlNet, or a single float")
@@ -145,6 +155,30 @@ class ControlNetMixin:
                 raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} must satisfy "
                                  f"0 <= start < end <= 1 (fractions of the schedule)")
         return images, scales, list(starts), list(ends)
+
+    @staticmethod
+    def _images_per_net(image, count: int, rows: bool) -> list:
+        """Several ControlNets take a list with one condition image (or batch) per ControlNet or, where ``rows``,
+        a list of lists with one row per prompt, each row holding one image per ControlNet (diffusers' layout);
+        the rows are regrouped per ControlNet."""
+        if not isinstance(image, list):
+            raise ValueError(f"image must be a list of one condition image per ControlNet ({count}), got "
+                             f"{type(image).__name__}")
+        nested = any(isinstance(row, list) for row in image)
+        if nested and not rows:
+            raise ValueError(f"image holds lists, which this pipeline does not take with several ControlNets; pass "
+                             f"one condition image (PIL, or a tensor/array batch) per ControlNet ({count})")
+        if nested:
+            widths = sorted({len(row) if isinstance(row, list) else 1 for row in image})
+            if widths != [count] or not all(isinstance(row, list) for row in image):
+                raise ValueError(f"image is a list of lists, read as one row per prompt with one condition image "
+                                 f"per ControlNet, so every row must be a list of {count} images; got rows of "
+                                 f"{', '.join(map(str, widths))}")
+            return [list(column) for column in zip(*image)]
+        if len(image) != count:
+            raise ValueError(f"image must be a list of one condition image per ControlNet ({count}), got "
+                             f"{len(image)} entries")
+        return image
 
     def prepare_control_image(self, image, width, height, batch, num_images_per_prompt, dtype, stacked: bool):
         """The condition image in [0, 1] at the output size, one per image in the batch, twice over when the
@@ -271,6 +305,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds",
                                "add_time_ids", "negative_pooled_prompt_embeds", "negative_add_time_ids", "image"]
+    rows_of_control_images = False
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
                  force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None,

@@ -103,7 +103,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
             image = self.image_processor.preprocess(image)
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             timesteps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength)
-            check_strength_steps(strength, num_inference_steps)
+            # As in diffusers, PNDM's extra final timestep still runs when strength keeps no whole step.
+            check_strength_steps(strength, len(timesteps))
             latents = self.prepare_latents(image, timesteps[:1].repeat(batch), batch_size, num_images_per_prompt,
                                            dtype, device, generator)
             self.configure_steps(call, generator, eta, batch, latents.dtype)

@@ -27,10 +27,17 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float):
     return timesteps, num_inference_steps - start
 
 
-def check_strength_steps(strength, num_inference_steps):
-    if num_inference_steps < 1:
-        raise ValueError(f"strength={strength} leaves {num_inference_steps} denoising steps; raise strength or "
-                         f"num_inference_steps so that int(num_inference_steps * strength) >= 1")
+def check_strength_steps(strength, num_inference_steps, denoising_start=None):
+    """At least one denoising step must remain of the schedule that ``strength`` (or, when it is a fraction,
+    ``denoising_start``, which then decides alone) keeps."""
+    if num_inference_steps >= 1:
+        return
+    if denoising_start is not None:
+        raise ValueError(f"denoising_start={denoising_start} leaves {num_inference_steps} denoising steps: no "
+                         f"timestep of the schedule lies below it; lower denoising_start or raise "
+                         f"num_inference_steps")
+    raise ValueError(f"strength={strength} leaves {num_inference_steps} denoising steps; raise strength or "
+                     f"num_inference_steps so that int(num_inference_steps * strength) >= 1")
 
 
 def encode_image_latents(vae, image, generator) -> torch.Tensor:
@@ -67,9 +74,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-                 clip_skip: int | None = None, ip_adapter_image=None,
-                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, callback_on_step_end=None,
+                 clip_skip: int | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         self.check_strength(strength)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -89,7 +96,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
                                                                 timesteps, sigmas)
             timesteps, num_inference_steps = strength_timesteps(self.scheduler, num_inference_steps, strength)
-            check_strength_steps(strength, num_inference_steps)
+            # As in diffusers, PNDM's extra final timestep still runs when strength keeps no whole step.
+            check_strength_steps(strength, len(timesteps))
             latent_timestep = timesteps[:1].repeat(batch)
             latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt, dtype,
                                            self.device, generator)

@@ -154,9 +154,9 @@ class StableDiffusionInpaintPipeline(MaskedDenoising, StableDiffusionPipelineBas
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 negative_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
-                 ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)

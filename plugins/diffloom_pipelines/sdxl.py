@@ -167,6 +167,13 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
             states.append(output.hidden_states[hidden_layer])
         return torch.cat(states, dim=-1), pooled
 
+    def _check_second_texts(self, name, texts, batch_size):
+        """The second encoder's texts (``prompt_2``...) must pair one to one with the first's; a refiner, which has
+        only the second encoder, reads the first texts and ignores them."""
+        if len(self._encoders()) == 2 and len(texts) != batch_size:
+            raise ValueError(f"{name} has {len(texts)} entries for {batch_size} prompts; pass a list with one "
+                             f"entry per prompt")
+
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
                       do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
                       prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
@@ -183,6 +190,7 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
         if prompt_embeds is None:
             prompt_2 = prompt_2 or prompt
             prompt_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
+            self._check_second_texts("prompt_2", prompt_2, batch_size)
             layer = -2 if clip_skip is None else -(clip_skip + 2)
             prompt_embeds, pooled = self._encode_texts([prompt, prompt_2], None, device, layer, warn=True)
             pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
@@ -202,6 +210,7 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
                 if len(negatives[0]) != batch_size:
                     raise ValueError(f"negative_prompt has {len(negatives[0])} entries but prompt has "
                                      f"{batch_size}; pass one negative prompt per prompt (or a single string)")
+                self._check_second_texts("negative_prompt_2", negatives[1], batch_size)
                 negative_prompt_embeds, pooled = self._encode_texts(negatives, prompt_embeds.shape[1], device, -2)
                 if negative_pooled_prompt_embeds is None:
                     negative_pooled_prompt_embeds = pooled
@@ -483,7 +492,10 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipelineBase):
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
                                                                 timesteps, sigmas)
             timesteps, num_inference_steps = self.schedule_from(num_inference_steps, strength, denoising_start)
-            check_strength_steps(strength, num_inference_steps)
+            if not is_fraction(denoising_start):
+                # A denoising_start past the schedule's last timestep leaves nothing to do, and the image comes
+                # back as it went in (through the VAE), as in diffusers; strength must leave a step.
+                check_strength_steps(strength, num_inference_steps)
             if latents is None:
                 latents = self.prepare_latents(image, timesteps[:1].repeat(batch), batch_size,
                                                num_images_per_prompt, dtype, device, generator,

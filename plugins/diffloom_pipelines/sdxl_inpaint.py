@@ -16,7 +16,8 @@ from diffloom.randomness import randn_tensor
 
 from .img2img import check_strength_steps, repeat_to_batch
 from .inpaint import MaskedDenoising, StableDiffusionInpaintPipeline
-from .sdxl import StableDiffusionXLImg2ImgPipeline, check_denoising_range, cut_at_denoising_end
+from .sdxl import (StableDiffusionXLImg2ImgPipeline, check_denoising_range, cut_at_denoising_end,
+                   is_fraction)
 from .stable_diffusion import check_generators, retrieve_timesteps
 
 
@@ -130,7 +131,8 @@ class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2Img
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
                                                                 timesteps, sigmas)
             timesteps, num_inference_steps = self.schedule_from(num_inference_steps, strength, denoising_start)
-            check_strength_steps(strength, num_inference_steps)
+            check_strength_steps(strength, num_inference_steps,
+                                 denoising_start if is_fraction(denoising_start) else None)
 
             if padding_mask_crop is not None:
                 crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)

@@ -462,11 +462,15 @@ class StableDiffusionPipeline(StableDiffusionPipelineBase):
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 negative_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-                 guidance_rescale: float = 0.0, clip_skip: int | None = None, ip_adapter_image=None,
-                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, callback_on_step_end=None,
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+        # Text-to-image takes the UNet's default size unless both sides are given (diffusers does the same;
+        # inpainting and SDXL default each side on its own).
+        if not height or not width:
+            height, width = None, None
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,

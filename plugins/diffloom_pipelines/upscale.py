@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +27,8 @@ from diffloom.pipeline import DiffusionPipeline, ImagePipelineOutput
 from diffloom.randomness import randn_tensor
 
 from .sdxl import vae_in_float32
-from .stable_diffusion import (StableDiffusionPipelineBase, negative_prompts, retrieve_latents, tokenize,
-                               warn_truncation)
+from .stable_diffusion import (StableDiffusionPipelineBase, check_generators, negative_prompts, retrieve_latents,
+                               tokenize, warn_truncation)
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +36,27 @@ logger = logging.getLogger(__name__)
 X4_VAE_SCALING_FACTOR = 0.08333
 
 
-def check_image_batch(image, prompt_batch: int):
-    """One low-resolution image per prompt."""
+def check_image_batch(image, prompt_batch: int, arrays_are_batches: bool = False):
+    """One low-resolution image per prompt.
+
+    A list counts its entries and a 4-D tensor its first axis. With ``arrays_are_batches`` (the x4 upscaler, as
+    in diffusers) any tensor or numpy array counts its first axis, so a 3-D one is read as a batch.
+    """
     if isinstance(image, list):
         count = len(image)
+    elif arrays_are_batches and isinstance(image, (torch.Tensor, np.ndarray)):
+        count = image.shape[0]
     elif torch.is_tensor(image):
         count = image.shape[0] if image.ndim == 4 else 1
+    elif arrays_are_batches and isinstance(image, PIL.Image.Image):
+        count = 1
     else:
         return
     if count != prompt_batch:
-        raise ValueError(f"image has {count} images for {prompt_batch} prompts; pass one image per prompt")
+        hint = ""
+        if arrays_are_batches and not isinstance(image, (list, PIL.Image.Image)) and image.ndim == 3:
+            hint = " (a 3-D tensor or array is read as a batch along its first axis: pass image[None])"
+        raise ValueError(f"image has {count} images for {prompt_batch} prompts{hint}; pass one image per prompt")
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
@@ -94,11 +107,12 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image= (the low-resolution image to upscale)")
         prompt_batch = self.batch_size_of(prompt, prompt_embeds)
-        check_image_batch(image, prompt_batch)
+        check_image_batch(image, prompt_batch, arrays_are_batches=True)
         if noise_level > self.config.max_noise_level:
             raise ValueError(f"noise_level={noise_level} exceeds this upscaler's max_noise_level="
                              f"{self.config.max_noise_level}; pass a lower noise_level")
         batch = prompt_batch * num_images_per_prompt
+        check_generators(generator, batch)
         device = self.device
 
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
@@ -111,11 +125,14 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
             timesteps = self.scheduler.timesteps
             # Noise augmentation: the UNet was trained on low-resolution images noised to a known level.
             level = torch.tensor([noise_level], dtype=torch.long, device=device)
-            noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
+            # One draw per low-resolution image: a list of generators (one per output image) lends its first ones.
+            noise_generator = generator[:image.shape[0]] if isinstance(generator, list) else generator
+            noise = randn_tensor(image.shape, generator=noise_generator, device=device, dtype=dtype)
             image = self.low_res_scheduler.add_noise(image, noise, level)
-            image = image.repeat_interleave(num_images_per_prompt, dim=0)
-            if self.do_classifier_free_guidance:
-                image = torch.cat([image] * 2)
+            # The whole image batch is repeated num_images_per_prompt times (and twice over with guidance) while
+            # the prompts repeat each entry in place: with several images and prompts, output k reads image
+            # k % len(images). diffusers pairs them so, and its images are the reference.
+            image = torch.cat([image] * (2 if self.do_classifier_free_guidance else 1) * num_images_per_prompt)
             call.tensors.update(image=image, noise_level=torch.cat([level] * image.shape[0]))
 
             height, width = image.shape[2:]
