@@ -57,11 +57,18 @@ def compile_blocks(unet):
             module.compile(options={"conv_1x1_as_mm": True})
 
 
+# Inductor options per compiled variant: what the fast path uses, and candidate additions to it.
+COMPILED = {"compiled": {"conv_1x1_as_mm": True},
+            "compiled-cudnn-benchmark": {"conv_1x1_as_mm": True},  # plus torch.backends.cudnn.benchmark
+            "compiled-coordinate-descent": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "flash", "efficient", "cudnn",
-                                                          "regional", "compiled"])
+                                                          "regional", "compiled"],
+                        choices=["eager", "channels_last", "flash", "efficient", "cudnn", "regional", *COMPILED])
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     run = gpu.RUNS[args.model]
@@ -92,10 +99,12 @@ def main():
             context_of = (lambda b=backends[variant]: sdpa_kernel([b])) if variant in backends else nullcontext
             if variant == "regional":
                 compile_blocks(unet)
-            elif variant == "compiled":
+            elif variant in COMPILED:
                 for module in unet.modules():
                     module._compiled_call_impl = None
-                unet.compile(options={"conv_1x1_as_mm": True})
+                torch._dynamo.reset()
+                torch.backends.cudnn.benchmark = variant == "compiled-cudnn-benchmark"
+                unet.compile(options=COMPILED[variant])
             try:
                 setup, ms = graphed_ms(forward, context_of)
                 rows.append((variant, setup, ms))
