@@ -15,8 +15,9 @@ own, which then appear in the model's state dict under ``<attention path>.proces
 - ``attn`` is the calling ``Attention``: use its projections (``attn.to_q`` ... ``attn.to_out[0]``, then the
   dropout ``attn.to_out[1]``), ``attn.heads``, ``attn.cross_attention_dim`` (the context width ``to_k``
   takes), ``attn.group_norm``, ``attn.residual_connection``, ``attn.rescale_output_factor``, and the helpers
-  ``attn.attend(q, k, v, mask)`` (split heads, scaled dot-product attention, merge heads) and
-  ``attn.spatial_in`` / ``attn.spatial_out`` (feature map <-> group-normed tokens).
+  ``attn.attend(q, k, v, mask)`` (split heads, scaled dot-product attention, merge heads),
+  ``attn.spatial_in`` / ``attn.spatial_out`` (feature map <-> group-normed tokens) and ``attn.norm_context``
+  (the context norm some layers have, ``cross_attention_norm``).
 - ``hidden_states`` is ``(batch, tokens, query_dim)``, or ``(batch, channels, height, width)`` for the
   self-attention of VAE / UNet2D blocks.
 - ``encoder_hidden_states`` is ``None`` for self-attention, else ``(batch, context_tokens, cross_dim)``. With an
@@ -32,6 +33,11 @@ own, which then appear in the model's state dict under ``<attention path>.proces
   ``**kwargs``; so a key meant for one adapter (LoRA's ``"scale"``, an IP-Adapter's ``"ip_adapter_masks"``) is
   silently dropped for processors that do not ask for it.
 
+Layers built with ``added_kv_proj_dim`` (the "simple cross-attention" of unCLIP, DeepFloyd IF and Kandinsky UNets)
+also have ``add_k_proj`` / ``add_v_proj``, which project the context into keys and values that are put in front
+of the layer's own self-attention keys and values (or replace them, with ``only_cross_attention``); their default
+processor is ``AttnAddedKVProcessor``.
+
 Models that hold attention layers inherit ``AttentionProcessorMixin`` and expose ``attn_processors``
 (``{"<module path>.processor": processor}``) and ``set_attn_processor(processor_or_dict)``, the same names
 and keys as diffusers.
@@ -44,8 +50,17 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _refuse_image_tuple(encoder_hidden_states) -> None:
+    if isinstance(encoder_hidden_states, tuple):
+        raise ValueError(
+            "encoder_hidden_states is a (text, image) tuple, which only an IP-Adapter attention processor "
+            "understands; load the IP-Adapter (it installs its processors) or drop added_cond_kwargs"
+            "['image_embeds']")
 
 
 class AttnProcessor:
@@ -53,14 +68,10 @@ class AttnProcessor:
 
     def __call__(self, attn: "Attention", hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):
-        if isinstance(encoder_hidden_states, tuple):
-            raise ValueError(
-                "encoder_hidden_states is a (text, image) tuple, which only an IP-Adapter attention processor "
-                "understands; load the IP-Adapter (it installs its processors) or drop added_cond_kwargs"
-                "['image_embeds']")
+        _refuse_image_tuple(encoder_hidden_states)
         residual = hidden_states
         hidden_states, shape = attn.spatial_in(hidden_states)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        context = hidden_states if encoder_hidden_states is None else attn.norm_context(encoder_hidden_states)
         out = attn.attend(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attention_mask)
         out = attn.to_out[1](attn.to_out[0](out))
         out = attn.spatial_out(out, shape)
@@ -68,6 +79,30 @@ class AttnProcessor:
             out = out + residual
         # x / 1.0 is x: skipping it saves a kernel launch per layer where eager runs are bound by launches.
         return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out
+
+
+class AttnAddedKVProcessor:
+    """Attention over the projected context followed by the layer's own pixels: keys and values are
+    ``[add_k_proj(context), to_k(pixels)]`` (only the context part with ``only_cross_attention``), the query is
+    ``to_q(pixels)``; the output is added to the input. Used by the "simple cross-attention" UNet stages."""
+
+    def __call__(self, attn: "Attention", hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        _refuse_image_tuple(encoder_hidden_states)
+        residual = hidden_states
+        tokens = hidden_states.flatten(2).transpose(1, 2)
+        # Without a context the layer attends over its own (un-normed) pixels through the added projections.
+        context = tokens if encoder_hidden_states is None else attn.norm_context(encoder_hidden_states)
+        tokens, _ = attn.spatial_in(tokens)
+        key, value = attn.add_k_proj(context), attn.add_v_proj(context)
+        if not attn.only_cross_attention:
+            key = torch.cat([key, attn.to_k(tokens)], dim=1)
+            value = torch.cat([value, attn.to_v(tokens)], dim=1)
+            if attention_mask is not None:  # the mask covers the context; every pixel key is kept
+                attention_mask = F.pad(attention_mask, (0, tokens.shape[1]), value=0.0)
+        out = attn.attend(attn.to_q(tokens), key, value, attention_mask)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.transpose(1, 2).reshape(residual.shape) + residual
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -99,23 +134,45 @@ class Attention(nn.Module):
     def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64,
                  dropout: float = 0.0, bias: bool = False, upcast_attention: bool = False, out_bias: bool = True,
                  norm_num_groups: int | None = None, eps: float = 1e-5, residual_connection: bool = False,
-                 rescale_output_factor: float = 1.0, processor=None):
+                 rescale_output_factor: float = 1.0, added_kv_proj_dim: int | None = None,
+                 only_cross_attention: bool = False, cross_attention_norm: str | None = None,
+                 cross_attention_norm_num_groups: int = 32, processor=None):
         super().__init__()
+        if only_cross_attention and added_kv_proj_dim is None:
+            raise ValueError("only_cross_attention=True drops the self-attention keys, which only a layer with "
+                             "added_kv_proj_dim has; set added_kv_proj_dim or leave only_cross_attention False")
         inner_dim = heads * dim_head
         self.heads = heads
         self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.upcast_attention = upcast_attention
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
+        self.only_cross_attention = only_cross_attention
 
         self.group_norm = (nn.GroupNorm(norm_num_groups, query_dim, eps=eps, affine=True)
                            if norm_num_groups is not None else None)
+        if cross_attention_norm is None:
+            self.norm_cross = None
+        elif cross_attention_norm == "layer_norm":
+            self.norm_cross = nn.LayerNorm(self.cross_attention_dim)
+        elif cross_attention_norm == "group_norm":
+            # Normalises the context before any projection, so over the width it arrives with.
+            width = added_kv_proj_dim if added_kv_proj_dim is not None else self.cross_attention_dim
+            self.norm_cross = nn.GroupNorm(cross_attention_norm_num_groups, width, eps=1e-5, affine=True)
+        else:
+            raise ValueError(f"cross_attention_norm={cross_attention_norm!r} is not None, 'layer_norm' or "
+                             f"'group_norm'")
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
-        self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
-        self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
+        if not only_cross_attention:
+            self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
+            self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, inner_dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, inner_dim)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias),
                                      dropout_layer(dropout)])
-        self.set_processor(processor if processor is not None else AttnProcessor())
+        self.default_processor = AttnAddedKVProcessor if added_kv_proj_dim is not None else AttnProcessor
+        self.set_processor(processor if processor is not None else self.default_processor())
 
     # -- the extension point -----------------------------------------------------------------------------------
 
@@ -151,6 +208,15 @@ class Attention(nn.Module):
         if self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         return hidden_states, shape
+
+    def norm_context(self, encoder_hidden_states):
+        """The context through this layer's ``cross_attention_norm`` (if any); a group norm normalises each
+        feature over the context tokens."""
+        if isinstance(self.norm_cross, nn.GroupNorm):
+            return self.norm_cross(encoder_hidden_states.transpose(1, 2)).transpose(1, 2)
+        if self.norm_cross is not None:
+            return self.norm_cross(encoder_hidden_states)
+        return encoder_hidden_states
 
     @staticmethod
     def spatial_out(hidden_states, shape):
@@ -207,4 +273,7 @@ class AttentionProcessorMixin:
                 layer.set_processor(processor)
 
     def set_default_attn_processor(self) -> None:
-        self.set_attn_processor(AttnProcessor())
+        """Give every attention layer its own kind's default processor."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_processor(module.default_processor())

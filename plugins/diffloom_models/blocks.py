@@ -107,6 +107,9 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond was given but this model has no time_cond_proj_dim (no projection "
+                                 "for it); drop timestep_cond or use a model built with time_cond_proj_dim")
             sample = sample + self.cond_proj(condition)
         sample = self.linear_2(self.act(self.linear_1(sample)))
         if self.post_act is not None:
@@ -127,7 +130,9 @@ def _fir_kernel(x: torch.Tensor, gain: float) -> torch.Tensor:
 
 def fir_downsample(x: torch.Tensor) -> torch.Tensor:
     """Blur with the FIR kernel, then keep every second pixel (anti-aliased halving)."""
-    return F.conv2d(F.pad(x, (1, 1, 1, 1)), _fir_kernel(x, 1.0), stride=2, groups=x.shape[1])
+    # Contiguous, so the convs that follow see the memory layout they see in diffusers (a channels-last input
+    # makes them pick another algorithm, with last-bit differences).
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)).contiguous(), _fir_kernel(x, 1.0), stride=2, groups=x.shape[1])
 
 
 def fir_upsample(x: torch.Tensor) -> torch.Tensor:

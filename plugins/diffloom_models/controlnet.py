@@ -85,16 +85,23 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbedding
         n = len(down_block_types)
         if len(block_out_channels) != n:
             raise ValueError(f"block_out_channels has {len(block_out_channels)} entries but down_block_types has {n}")
-        if mid_block_type is None:
-            raise ValueError("a ControlNet needs a middle block: set mid_block_type to 'UNetMidBlock2DCrossAttn' or "
-                             "'UNetMidBlock2D'")
-        check_block_types(down_block_types, (), mid_block_type)
+        if mid_block_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+            raise ValueError(f"mid_block_type={mid_block_type!r}: a ControlNet needs a middle block, "
+                             f"'UNetMidBlock2DCrossAttn' or 'UNetMidBlock2D'")
+        check_block_types(down_block_types, (), mid_block_type, model="ControlNetModel")
         if controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError(f"controlnet_conditioning_channel_order={controlnet_conditioning_channel_order!r} is "
                              f"not 'rgb' or 'bgr'")
-        heads = per_block(num_attention_heads or attention_head_dim, n, "attention_head_dim")
-        depths = per_block(transformer_layers_per_block, n, "transformer_layers_per_block")
-        context_dims = per_block(cross_attention_dim, n, "cross_attention_dim")
+        if encoder_hid_dim_type not in (None, "text_proj", "text_image_proj"):
+            raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r}: ControlNetModel takes None, "
+                             f"'text_proj' or 'text_image_proj'")
+        if addition_embed_type not in (None, "text", "text_image", "text_time"):
+            raise ValueError(f"addition_embed_type={addition_embed_type!r}: ControlNetModel takes None, 'text', "
+                             f"'text_image' or 'text_time'")
+        if class_embed_type == "simple_projection":
+            # diffusers' ControlNetModel builds no class embedding for it (and ignores class_labels); neither do
+            # we, so that its folders load and give the same residuals.
+            class_embed_type = num_class_embeds = None
 
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         time_embed_dim = self._init_embeddings(
@@ -102,20 +109,33 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbedding
             act_fn=act_fn, cross_attention_dim=cross_attention_dim, class_embed_type=class_embed_type,
             num_class_embeds=num_class_embeds,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            class_timestep_act_fn="silu",  # unlike the UNet's, whatever act_fn is
             addition_embed_type=addition_embed_type, addition_time_embed_dim=addition_time_embed_dim,
-            encoder_hid_dim=encoder_hid_dim, encoder_hid_dim_type=encoder_hid_dim_type)
+            addition_embed_type_num_heads=addition_embed_type_num_heads, encoder_hid_dim=encoder_hid_dim,
+            encoder_hid_dim_type=encoder_hid_dim_type)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             block_out_channels[0], conditioning_channels, conditioning_embedding_out_channels)
 
+        head_config = per_block(attention_head_dim, n, "attention_head_dim")
+        # As in the UNet, attention_head_dim counts the heads of spatial transformers unless num_attention_heads
+        # is given; the other attention stages read it as a head width.
+        num_heads = (per_block(num_attention_heads, n, "num_attention_heads") if num_attention_heads is not None
+                     else head_config)
+        depths = per_block(transformer_layers_per_block, n, "transformer_layers_per_block")
+        context_dims = per_block(cross_attention_dim, n, "cross_attention_dim")
         shared = dict(norm_eps=norm_eps, act_fn=act_fn, norm_num_groups=norm_num_groups, dropout=0.0,
                       use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
                       resnet_time_scale_shift=resnet_time_scale_shift)
         self.down_blocks = build_down_blocks(
-            down_block_types, block_out_channels, [layers_per_block] * n, depths, heads, context_dims,
-            per_block(only_cross_attention, n, "only_cross_attention"), time_embed_dim,
+            down_block_types, block_out_channels, time_embed_dim, layers_per_block=[layers_per_block] * n,
+            transformer_layers=depths, num_attention_heads=num_heads, attention_head_dim=head_config,
+            cross_attention_dim=context_dims,
+            only_cross_attention=per_block(only_cross_attention, n, "only_cross_attention"),
             downsample_padding=downsample_padding, **shared)
-        self.mid_block = build_mid_block(mid_block_type, block_out_channels[-1], time_embed_dim, depths[-1],
-                                         heads[-1], context_dims[-1], mid_block_scale_factor=mid_block_scale_factor,
+        self.mid_block = build_mid_block(mid_block_type, block_out_channels[-1], time_embed_dim,
+                                         transformer_layers=depths[-1], num_attention_heads=num_heads[-1],
+                                         attention_head_dim=None, cross_attention_dim=context_dims[-1],
+                                         only_cross_attention=False, mid_block_scale_factor=mid_block_scale_factor,
                                          **shared)
 
         # One zero conv per UNet skip: conv_in's output, each resnet's, each downsampler's.
@@ -138,6 +158,10 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbedding
                 raise ValueError(f"the UNet has layers_per_block={list(layers_per_block)}; a ControlNet takes one "
                                  f"count for all stages")
             layers_per_block = layers_per_block[0]
+        for key, plain in (("time_embedding_type", "positional"), ("time_cond_proj_dim", None)):
+            if config.get(key, plain) != plain:
+                raise ValueError(f"the UNet has {key}={config[key]!r}, but a ControlNetModel embeds timesteps "
+                                 f"sinusoidally without a timestep_cond projection, so it cannot copy this UNet")
         copied = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
                   "only_cross_attention", "block_out_channels", "downsample_padding", "mid_block_scale_factor",
                   "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
@@ -149,9 +173,9 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbedding
                          controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
                          conditioning_embedding_out_channels=conditioning_embedding_out_channels,
                          conditioning_channels=conditioning_channels)
-        if load_weights_from_unet:
-            for name in ("conv_in", "time_embedding", "class_embedding", "add_embedding", "encoder_hid_proj",
-                         "down_blocks", "mid_block"):
+        if load_weights_from_unet:  # as diffusers: encoder_hid_proj, which the ControlNet never uses, stays fresh
+            for name in ("conv_in", "time_embedding", "class_embedding", "add_embedding", "down_blocks",
+                         "mid_block"):
                 target = getattr(controlnet, name)
                 if target is not None:
                     target.load_state_dict(getattr(unet, name).state_dict())
@@ -169,8 +193,15 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, ConditioningEmbedding
         """
         if self.config.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
-        emb = self._embed(sample, timestep, timestep_cond, class_labels, added_cond_kwargs)
-        context = dict(encoder_hidden_states=self._project_context(encoder_hidden_states, added_cond_kwargs),
+        emb = self._time_embed(sample, timestep, timestep_cond)
+        class_emb = self._class_embed(sample, class_labels)
+        if class_emb is not None:
+            emb = emb + class_emb
+        # As in diffusers' ControlNetModel, a "text_image" added embedding and the encoder_hid_proj are built
+        # (their weights load) but not applied: the context reaches the attention layers as given.
+        if self.config.addition_embed_type in ("text", "text_time"):
+            emb = emb + self._added_embed(emb, encoder_hidden_states, added_cond_kwargs)[0]
+        context = dict(encoder_hidden_states=encoder_hidden_states,
                        attention_mask=mask_to_bias(attention_mask, sample.dtype),
                        cross_attention_kwargs=cross_attention_kwargs)
 

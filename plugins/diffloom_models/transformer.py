@@ -2,8 +2,8 @@
 to the text (or other context), a gated feed-forward; each sub-layer pre-normed and residual.
 
 State-dict names follow diffusers' ``Transformer2DModel`` / ``BasicTransformerBlock`` / ``FeedForward``:
-``norm``, ``proj_in``, ``transformer_blocks.N.{norm1,attn1,norm2,attn2,norm3,ff.net.0.proj,ff.net.2}``,
-``proj_out``.
+``norm``, ``proj_in``, ``transformer_blocks.N.{norm1,attn1,norm2,attn2,norm3,ff.net.0.proj,ff.net.2}`` (and
+``fuser`` for GLIGEN), ``proj_out``.
 """
 
 from __future__ import annotations
@@ -77,20 +77,46 @@ class FeedForward(nn.Module):
         return x
 
 
+class GatedSelfAttentionDense(nn.Module):
+    """GLIGEN's grounding layer (Li et al. 2023): the visual tokens attend over themselves and the grounding
+    tokens (``linear(objs)``), then pass a feed-forward; both residual branches are gated by ``tanh`` of a learned
+    scalar, which starts at zero so that an untrained layer changes nothing."""
+
+    def __init__(self, query_dim: int, context_dim: int, n_heads: int, d_head: int):
+        super().__init__()
+        self.linear = nn.Linear(context_dim, query_dim)
+        self.attn = Attention(query_dim, heads=n_heads, dim_head=d_head)
+        self.ff = FeedForward(query_dim, activation_fn="geglu")
+        self.norm1 = nn.LayerNorm(query_dim)
+        self.norm2 = nn.LayerNorm(query_dim)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
+        n_visual = x.shape[1]
+        attended = self.attn(self.norm1(torch.cat([x, self.linear(objs)], dim=1)))[:, :n_visual]
+        x = x + self.alpha_attn.tanh() * attended
+        return x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+
+
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention, feed-forward, each as ``x + f(LayerNorm(x))``.
 
     ``only_cross_attention`` makes the first attention attend to the context too; ``double_self_attention``
     makes the second one self-attention (no context); without a ``cross_attention_dim`` and without
-    ``double_self_attention`` there is no second attention at all.
+    ``double_self_attention`` there is no second attention at all. ``attention_type="gated"`` or
+    ``"gated-text-image"`` (GLIGEN) adds a ``fuser`` after the self-attention, applied when
+    ``cross_attention_kwargs["gligen"]`` carries the grounding tokens (``{"objs": ...}``).
     """
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, dropout: float = 0.0,
                  cross_attention_dim: int | None = None, activation_fn: str = "geglu",
                  attention_bias: bool = False, only_cross_attention: bool = False,
                  double_self_attention: bool = False, upcast_attention: bool = False,
-                 norm_elementwise_affine: bool = True, norm_eps: float = 1e-5):
+                 norm_elementwise_affine: bool = True, norm_eps: float = 1e-5, attention_type: str = "default"):
         super().__init__()
+        if attention_type not in ("default", "gated", "gated-text-image"):
+            raise ValueError(f"attention_type={attention_type!r} is not 'default', 'gated' or 'gated-text-image'")
         self.only_cross_attention = only_cross_attention
 
         def attention(context_dim):
@@ -110,14 +136,22 @@ class BasicTransformerBlock(nn.Module):
             self.norm2 = self.attn2 = None
         self.norm3 = norm()
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
+        self.fuser = (GatedSelfAttentionDense(dim, cross_attention_dim, num_attention_heads, attention_head_dim)
+                      if attention_type != "default" else None)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, cross_attention_kwargs=None):
-        kwargs = cross_attention_kwargs or {}
+        kwargs = dict(cross_attention_kwargs or {})
+        gligen = kwargs.pop("gligen", None)
         hidden_states = hidden_states + self.attn1(
             self.norm1(hidden_states),
             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
             attention_mask=attention_mask, **kwargs)
+        if gligen is not None:
+            if self.fuser is None:
+                raise ValueError("cross_attention_kwargs['gligen'] was given but this model has no GLIGEN layers "
+                                 "(attention_type='default')")
+            hidden_states = self.fuser(hidden_states, gligen["objs"])
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(
                 self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states,
@@ -145,7 +179,8 @@ class SpatialTransformer(nn.Module):
                  dropout: float = 0.0, norm_num_groups: int = 32, cross_attention_dim: int | None = None,
                  attention_bias: bool = False, activation_fn: str = "geglu", use_linear_projection: bool = False,
                  only_cross_attention: bool = False, double_self_attention: bool = False,
-                 upcast_attention: bool = False, norm_elementwise_affine: bool = True, norm_eps: float = 1e-5):
+                 upcast_attention: bool = False, norm_elementwise_affine: bool = True, norm_eps: float = 1e-5,
+                 attention_type: str = "default"):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         self.use_linear_projection = use_linear_projection
@@ -161,7 +196,8 @@ class SpatialTransformer(nn.Module):
                                   cross_attention_dim=cross_attention_dim, activation_fn=activation_fn,
                                   attention_bias=attention_bias, only_cross_attention=only_cross_attention,
                                   double_self_attention=double_self_attention, upcast_attention=upcast_attention,
-                                  norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps)
+                                  norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
+                                  attention_type=attention_type)
             for _ in range(num_layers)])
 
     def forward(self, hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None, attention_mask=None,
