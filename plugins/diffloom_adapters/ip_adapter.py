@@ -10,7 +10,9 @@ Wiring, through documented extension points only: the projections become the UNe
 (``encoder_hid_dim_type="ip_image_proj"``), so the UNet hands the attention layers ``(text, [image tokens per
 adapter])`` for ``added_cond_kwargs["image_embeds"]``; the cross-attention layers get :class:`IPAdapterAttnProcessor`
 through ``set_attn_processor``. The pipeline computes ``image_embeds`` by asking this adapter
-(:meth:`IPAdapter.image_embeds`) for the call's ``ip_adapter_image`` / ``ip_adapter_image_embeds``.
+(:meth:`IPAdapter.image_embeds`) for the call's ``ip_adapter_image`` / ``ip_adapter_image_embeds``. On SDXL the
+same ``added_cond_kwargs`` carries the pooled text embedding and the time ids next to them; a ControlNet beside the
+UNet reads only those, having no IP-Adapter layers of its own.
 
 Weight file layout (as published and as diffusers reads it): ``image_proj.*`` (``proj`` + ``norm`` for the plain
 projection; ``latents``, ``proj_in``, ``layers.N.0`` (attention), ``layers.N.1`` (feed-forward), ``proj_out``,
@@ -21,12 +23,16 @@ block, as the original UNet orders them).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .files import read_weights
 from .lora import block_weight, check_block_weights
+
+logger = logging.getLogger(__name__)
 
 
 class ImageProjection(nn.Module):
@@ -253,22 +259,26 @@ class IPAdapter:
         added = []
         if getattr(self.pipe, "image_encoder", None) is None:
             if image_encoder_folder is None:
-                raise ValueError("the pipeline has no image_encoder and image_encoder_folder=None; pass "
-                                 "image_encoder_folder= or build the pipeline with image_encoder=...")
-            if isinstance(source, dict):
+                # Enough for calls that bring their own embeddings (ip_adapter_image_embeds).
+                logger.warning("no image encoder was loaded (image_encoder_folder=None): calls must pass "
+                               "ip_adapter_image_embeds=, not ip_adapter_image=")
+            elif isinstance(source, dict):
                 raise ValueError("IP-Adapter weights given as a dict come without an image encoder; build the "
-                                 "pipeline with image_encoder=...")
-            from transformers import CLIPVisionModelWithProjection
+                                 "pipeline with image_encoder=..., or pass image_encoder_folder=None and call it "
+                                 "with ip_adapter_image_embeds=")
+            else:
+                from transformers import CLIPVisionModelWithProjection
 
-            folder = image_encoder_folder if "/" in image_encoder_folder \
-                else "/".join(p for p in (subfolder, image_encoder_folder) if p)
-            encoder = CLIPVisionModelWithProjection.from_pretrained(source, subfolder=folder, **hub_kwargs)
-            self.pipe.register_modules(image_encoder=encoder.to(self.pipe.device, self.pipe.unet.dtype))
-            added.append("image_encoder")
+                folder = image_encoder_folder if "/" in image_encoder_folder \
+                    else "/".join(p for p in (subfolder, image_encoder_folder) if p)
+                encoder = CLIPVisionModelWithProjection.from_pretrained(source, subfolder=folder, **hub_kwargs)
+                self.pipe.register_modules(image_encoder=encoder.to(self.pipe.device, self.pipe.unet.dtype))
+                added.append("image_encoder")
         if getattr(self.pipe, "feature_extractor", None) is None:
             from transformers import CLIPImageProcessor
 
-            size = self.pipe.image_encoder.config.image_size
+            encoder = getattr(self.pipe, "image_encoder", None)
+            size = encoder.config.image_size if encoder is not None else 224  # CLIP ViT's input size
             self.pipe.register_modules(feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
             added.append("feature_extractor")
         return added
@@ -304,6 +314,13 @@ class IPAdapter:
             if not isinstance(ip_adapter_image_embeds, list) or ip_adapter_image_embeds[0].ndim not in (3, 4):
                 raise ValueError("ip_adapter_image_embeds must be a list of 3-D or 4-D tensors, one per IP-Adapter "
                                  "(with guidance on, the unconditional half first)")
+            if len(ip_adapter_image_embeds) != len(projections):
+                raise ValueError(f"ip_adapter_image_embeds has {len(ip_adapter_image_embeds)} tensors for "
+                                 f"{len(projections)} IP-Adapters; pass one tensor per adapter")
+            if guidance and any(e.shape[0] % 2 for e in ip_adapter_image_embeds):
+                raise ValueError("with classifier-free guidance on, each ip_adapter_image_embeds tensor stacks the "
+                                 "unconditional embeddings over the conditional ones (an even first dimension); "
+                                 "compute them with guidance on, or call with guidance_scale <= 1")
             pairs = [e.chunk(2) if guidance else (None, e) for e in ip_adapter_image_embeds]
         else:
             images = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
@@ -321,7 +338,11 @@ class IPAdapter:
         return embeds
 
     def _encode(self, image, hidden_states: bool):
-        encoder = self.pipe.image_encoder
+        encoder = getattr(self.pipe, "image_encoder", None)
+        if encoder is None:
+            raise ValueError("ip_adapter_image needs the pipeline's image_encoder, and it has none (the IP-Adapter "
+                             "was loaded with image_encoder_folder=None); pass ip_adapter_image_embeds= instead, or "
+                             "build the pipeline with image_encoder=...")
         dtype = next(encoder.parameters()).dtype
         if not torch.is_tensor(image):
             image = self.pipe.feature_extractor(image, return_tensors="pt").pixel_values

@@ -264,7 +264,8 @@ class StableDiffusionControlNetPipeline(ControlNetMixin, StableDiffusionPipeline
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 negative_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
                  control_guidance_start: float | list[float] = 0.0,
@@ -284,6 +285,7 @@ class StableDiffusionControlNetPipeline(ControlNetMixin, StableDiffusionPipeline
                              guess_mode=guess_mode, control_scales=scales) as call:
             dtype = self.open_call(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                    num_images_per_prompt, clip_skip)
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             control, height, width = self.prepare_control_images(images, width, height, batch,
                                                                  num_images_per_prompt, guess_mode)
             # A MultiControlNetModel takes a list of images, a single ControlNet its one image.
@@ -320,7 +322,11 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                                                          do_convert_rgb=True, do_normalize=False)
 
     def run_denoiser(self, call: CallState, step: StepState):
-        down, mid = self.control_residuals(call, step, added_cond_kwargs=step.conditioning["added_cond_kwargs"])
+        # The ControlNet reads the micro-conditioning only: an image prompt steers the UNet's cross-attention,
+        # and the ControlNet has no IP-Adapter layers.
+        added = step.conditioning["added_cond_kwargs"]
+        down, mid = self.control_residuals(
+            call, step, added_cond_kwargs={"text_embeds": added["text_embeds"], "time_ids": added["time_ids"]})
         return self.unet(step.model_input, step.model_timestep, **step.conditioning,
                          down_block_additional_residuals=down, mid_block_additional_residual=mid,
                          return_dict=False)[0]
@@ -336,7 +342,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
-                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
@@ -366,6 +373,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                                         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                         negative_pooled_prompt_embeds, clip_skip)
             dtype = embeds[0].dtype
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             control, height, width = self.prepare_control_images(images, width, height, batch,
                                                                  num_images_per_prompt, guess_mode)
             call.tensors["image"] = control if isinstance(self.controlnet, MultiControlNetModel) else control[0]

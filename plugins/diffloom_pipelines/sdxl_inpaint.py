@@ -97,7 +97,8 @@ class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2Img
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
-                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
@@ -128,6 +129,7 @@ class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2Img
                                         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                         negative_pooled_prompt_embeds, clip_skip)
             dtype = embeds[0].dtype
+            self.prepare_image_prompt(call, ip_adapter_image, ip_adapter_image_embeds, batch)
             timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
                                                                 timesteps, sigmas)
             timesteps, num_inference_steps = self.schedule_from(num_inference_steps, strength, denoising_start)

@@ -350,6 +350,9 @@ class StableDiffusionPipelineBase(DiffusionPipeline):
         """Image-prompt embeddings (``added_cond_kwargs["image_embeds"]``) for the call, computed by the adapter
         that provides them (an IP-Adapter plugin's ``image_embeds``), the unconditional half first under CFG."""
         if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            if self.unet.config.get("encoder_hid_dim_type") == "ip_image_proj":
+                raise ValueError("an IP-Adapter is loaded, so the call needs an image prompt: pass ip_adapter_image= "
+                                 "or ip_adapter_image_embeds=, or call pipe.unload_ip_adapter() first")
             return
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("pass ip_adapter_image or ip_adapter_image_embeds, not both")
