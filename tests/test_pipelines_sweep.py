@@ -250,3 +250,24 @@ def test_sdxl_second_prompts_pair_with_the_first(xl, kwargs, match):
     # One entry per prompt works, and a single negative_prompt_2 string serves every prompt.
     compare(ours, ref, prompt=["a", "b"], prompt_2=["c", "d"], negative_prompt=["e", "f"], negative_prompt_2="g",
             num_inference_steps=2, height=H, width=W)
+
+
+NEGATIVE_MICRO = dict(negative_original_size=(16, 24), negative_crops_coords_top_left=(2, 4),
+                      negative_target_size=(24, 16))
+
+
+def test_sdxl_negative_micro_conditioning_with_several_images(xl, tmp_path):
+    """diffusers' SDXL text-to-image and ControlNet pipelines alternate negative and positive time ids per
+    image; diffloom follows, so several images with a negative micro-conditioning come out the same."""
+    compare(*xl, prompt=["a", "b"], num_images_per_prompt=2, num_inference_steps=2, height=H, width=W,
+            **NEGATIVE_MICRO)
+    net = strongly_conditioned_controlnets(xl[1].unet, 1, seed=5)[0]
+    net.save_pretrained(tmp_path / "cn")
+    ours = quiet(diffloom.StableDiffusionXLControlNetPipeline.from_pipe(
+        xl[0], controlnet=diffloom.ControlNetModel.from_pretrained(tmp_path / "cn")))
+    ref = quiet(diffusers.StableDiffusionXLControlNetPipeline.from_pipe(xl[1], controlnet=net))
+    compare(ours, ref, prompt=["a", "b"], image=EDGES, num_inference_steps=2, **NEGATIVE_MICRO)
+    # The refiner-style pipelines stack time ids like the embeddings, as diffusers' do.
+    i2i = (quiet(diffloom.StableDiffusionXLImg2ImgPipeline.from_pipe(xl[0])),
+           quiet(diffusers.StableDiffusionXLImg2ImgPipeline.from_pipe(xl[1])))
+    compare(*i2i, prompt=["a", "b"], image=tiny.image(), num_inference_steps=4, **NEGATIVE_MICRO)

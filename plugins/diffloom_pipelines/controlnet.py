@@ -392,7 +392,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                 negative_add_time_ids = self.time_ids(
                     negative_original_size + negative_crops_coords_top_left + negative_target_size, dtype,
                     projection_dim)
-            self.publish_conditioning(call, embeds, add_time_ids, negative_add_time_ids, batch)
+            self.publish_conditioning(call, embeds, add_time_ids, negative_add_time_ids, batch,
+                                      alternate_time_ids=True)
             call.tensors.update(negative_prompt_embeds=embeds[1], negative_pooled_prompt_embeds=embeds[3],
                                 negative_add_time_ids=negative_add_time_ids)
 

@@ -245,18 +245,26 @@ class StableDiffusionXLPipelineBase(StableDiffusionPipelineBase):
                              f"embedding of {projection_dim} make {given}{hint}")
         return torch.tensor([values], dtype=dtype)
 
-    def publish_conditioning(self, call: CallState, embeds, add_time_ids, negative_add_time_ids, batch):
+    def publish_conditioning(self, call: CallState, embeds, add_time_ids, negative_add_time_ids, batch,
+                             alternate_time_ids: bool = False):
         """Put the UNet's conditioning into ``call.tensors``, stacked [unconditional, conditional] with guidance.
 
         Each of the ``batch`` images gets its own row of time ids, unconditional rows before conditional
-        ones, as for the prompt embeddings.
+        ones, as for the prompt embeddings. With ``alternate_time_ids`` the rows alternate negative, positive
+        instead, as diffusers' SDXL text-to-image and ControlNet pipelines stack them: with a negative
+        micro-conditioning and several images, rows then meet the other half's time ids. Followed so that the
+        same arguments give the same images; it changes nothing when both time ids are equal (the default).
         """
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = embeds
-        add_time_ids = add_time_ids.repeat(batch, 1)
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
             pooled = torch.cat([negative_pooled, pooled])
-            add_time_ids = torch.cat([negative_add_time_ids.repeat(batch, 1), add_time_ids])
+            if alternate_time_ids:
+                add_time_ids = torch.cat([negative_add_time_ids, add_time_ids]).repeat(batch, 1)
+            else:
+                add_time_ids = torch.cat([negative_add_time_ids.repeat(batch, 1), add_time_ids.repeat(batch, 1)])
+        else:
+            add_time_ids = add_time_ids.repeat(batch, 1)
         device = self.device
         call.tensors.update(prompt_embeds=prompt_embeds.to(device), add_text_embeds=pooled.to(device),
                             add_time_ids=add_time_ids.to(device))
@@ -378,7 +386,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLPipelineBase):
                 negative_add_time_ids = self.time_ids(
                     negative_original_size + negative_crops_coords_top_left + negative_target_size, dtype,
                     projection_dim)
-            self.publish_conditioning(call, embeds, add_time_ids, negative_add_time_ids, batch)
+            self.publish_conditioning(call, embeds, add_time_ids, negative_add_time_ids, batch,
+                                      alternate_time_ids=True)
 
             num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
             timesteps = cut_at_denoising_end(self.scheduler, timesteps, denoising_end)
