@@ -11,6 +11,7 @@ PIPELINES = {
     # class name: module (and community name)
     "UnetSchedulerOneForwardPipeline": "one_step_unet",
     "MarigoldPipeline": "marigold_depth",
+    "MarigoldDepthPipeline": "marigold_depth_pipeline",
     "CLIPGuidedStableDiffusion": "clip_guided_stable_diffusion",
 }
 

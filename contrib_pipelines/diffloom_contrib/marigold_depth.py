@@ -220,13 +220,23 @@ def normalize_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - low) / span, span
 
 
-def color_map_table(name: str) -> np.ndarray:
-    """The 256 x 3 colour table of a colour map; ``name + "_r"`` reverses it."""
+def _base_color_map(name: str) -> str:
     base = name[:-2] if name.endswith("_r") else name
     if base not in _COLOR_MAPS:
         names = ", ".join(sorted(_COLOR_MAPS))
         raise ValueError(f"color_map={name!r} is not one of {names} (or their _r reversals), nor None")
-    points = np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in _COLOR_MAPS[base]])
+    return base
+
+
+def color_map_points(name: str) -> np.ndarray:
+    """The control colours (K x 3, floats in [0, 1]) of a colour map, in order; ``name + "_r"`` reverses them."""
+    points = np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in _COLOR_MAPS[_base_color_map(name)]])
+    return points[::-1].copy() if name.endswith("_r") else points
+
+
+def color_map_table(name: str) -> np.ndarray:
+    """The 256 x 3 colour table of a colour map; ``name + "_r"`` reverses it."""
+    points = color_map_points(_base_color_map(name))
     positions = np.linspace(0.0, 1.0, len(points))
     samples = np.linspace(0.0, 1.0, 256)
     table = np.stack([np.interp(samples, positions, points[:, c]) for c in range(3)], axis=1)
