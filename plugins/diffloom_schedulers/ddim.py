@@ -73,6 +73,7 @@ class DDIMScheduler(SchedulerMixin):
              return_dict: bool = True):
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler.step called before set_timesteps; call set_timesteps(num_inference_steps)")
+        schedule.check_timestep_fits(timestep, self.config, type(self).__name__)
         # the grid is evenly spaced, so the next timestep is a fixed stride below
         prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t = self.alphas_cumprod[timestep]

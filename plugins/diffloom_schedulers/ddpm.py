@@ -72,7 +72,8 @@ class DDPMScheduler(SchedulerMixin):
             grid = schedule.spaced_timesteps(self.config.timestep_spacing, num_inference_steps, T,
                                              self.config.steps_offset)
         self.custom_timesteps = timesteps is not None
-        self.num_inference_steps = len(grid)
+        # the step count asked for, even where "trailing" rounding lays out one timestep more
+        self.num_inference_steps = len(grid) if self.custom_timesteps else num_inference_steps
         self.timesteps = torch.from_numpy(grid).to(device)
 
     def previous_timestep(self, timestep):
@@ -112,6 +113,7 @@ class DDPMScheduler(SchedulerMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         t = timestep
+        schedule.check_timestep_fits(t, self.config, type(self).__name__)
         predicted_variance = None
         if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)

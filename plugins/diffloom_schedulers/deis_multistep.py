@@ -33,6 +33,21 @@ def lagrange_log_integrals(nodes: list[float], lower: float, upper: float) -> li
     return weights
 
 
+def linear_log_weights(rho_t: np.float32, rho_s0: np.float32, rho_s1: np.float32) -> list[np.float32]:
+    """The second-order weights of lagrange_log_integrals in closed form, evaluated in float32 as the reference
+    does: the basis (u - c) / (b - c) in u = log rho integrates against d rho to rho (u - c - 1) / (b - c).
+
+    In float32 the two antiderivative values nearly cancel; matching the reference's evaluation keeps the
+    samples within float32 rounding of its own.
+    """
+    u_t, u_s0, u_s1 = np.log(rho_t), np.log(rho_s0), np.log(rho_s1)
+
+    def weight(b, c):  # basis polynomial that is 1 at node b and 0 at node c
+        return rho_t * (u_t - c - 1) / (b - c) - rho_s0 * (u_s0 - c - 1) / (b - c)
+
+    return [weight(u_s0, u_s1), weight(u_s1, u_s0)]
+
+
 class DEISMultistepScheduler(VPMultistepMixin, SchedulerMixin):
     """Diffusion exponential integrator sampler; order 2 or 3 needs few steps."""
 
@@ -93,8 +108,10 @@ class DEISMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         timesteps = schedule.multistep_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         train_sigmas, log_sigmas = self._training_log_sigmas()
         if c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas:
+            # sigma_min / sigma_max are not DEIS options, but a config converted from Euler may carry them
             sigmas = schedule.convert_sigmas(np.flip(train_sigmas), n, c.use_karras_sigmas,
-                                             c.use_exponential_sigmas, c.use_beta_sigmas)
+                                             c.use_exponential_sigmas, c.use_beta_sigmas,
+                                             sigma_min=c.get("sigma_min"), sigma_max=c.get("sigma_max"))
             timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
             if c.use_karras_sigmas:
                 timesteps = np.round(timesteps)
@@ -112,11 +129,11 @@ class DEISMultistepScheduler(VPMultistepMixin, SchedulerMixin):
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The noise prediction eps, taken through x0 so thresholding and every prediction type apply."""
-        alpha_t, sigma_t = self._alpha_sigma(self._ladder(self._step_index))
+        alpha_t, sigma_t = self._alpha_sigma(self._step_index)
         return (sample - alpha_t * self._data_prediction(model_output, sample)) / sigma_t
 
-    def _rho(self, index: int) -> float:
-        alpha, sigma = self._alpha_sigma(self._ladder(index))
+    def _rho(self, index: int) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(index)
         return sigma / alpha
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
@@ -127,6 +144,7 @@ class DEISMultistepScheduler(VPMultistepMixin, SchedulerMixin):
                              "call set_timesteps(num_inference_steps) first")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         i, n = self._step_index, len(self.timesteps)
         few_steps = c.lower_order_final and n < 15  # lower orders near the end steady short runs
         cap = 1 if (i == n - 1 and few_steps) else 2 if (i == n - 2 and few_steps) else 3
@@ -134,16 +152,27 @@ class DEISMultistepScheduler(VPMultistepMixin, SchedulerMixin):
 
         self.model_outputs = self.model_outputs[1:] + [self.convert_model_output(model_output, sample)]
         outputs = self.model_outputs[::-1][:order]  # newest first
-        nodes = [math.log(self._rho(i - k)) for k in range(order)]
-        weights = lagrange_log_integrals(nodes, nodes[0], math.log(self._rho(i + 1)))
-
-        alpha_t, _ = self._alpha_sigma(self._ladder(i + 1))
-        alpha_s, _ = self._alpha_sigma(self._ladder(i))
-        # x_t = alpha_t (x_s / alpha_s + sum_j w_j eps_j), with alpha_t folded into the scalars: at high noise
-        # x_s / alpha_s is large and nearly cancels, so the fewer tensor roundings the better
-        prev_sample = (alpha_t / alpha_s) * sample
-        for w, eps in zip(weights, outputs):
-            prev_sample = prev_sample + (alpha_t * w) * eps
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        alpha_s, sigma_s = self._alpha_sigma(i)
+        if order == 1:
+            # A constant eps integrates to alpha_t (rho_t - rho_s) eps = -sigma_t (e^h - 1) eps, h the lambda step:
+            # DDIM. Written with e^h, as the reference writes it.
+            h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+            prev_sample = (alpha_t / alpha_s) * sample - (sigma_t * (torch.exp(h) - 1.0)) * outputs[0]
+        else:
+            if order == 2:
+                rho = [self._rho(k).numpy() for k in (i + 1, i, i - 1)]
+                weights = [torch.from_numpy(np.asarray(w)) for w in linear_log_weights(*rho)]
+            else:
+                # Third order stays in float64: the reference's float32 closed form loses ~1e-4 to cancellation.
+                nodes = [math.log(self._rho(i - k).item()) for k in range(order)]
+                weights = [torch.tensor(w, dtype=torch.float32)
+                           for w in lagrange_log_integrals(nodes, nodes[0], math.log(self._rho(i + 1).item()))]
+            # x_t = alpha_t (x_s / alpha_s + sum_j w_j eps_j)
+            inner = sample / alpha_s
+            for w, eps in zip(weights, outputs):
+                inner = inner + w * eps
+            prev_sample = alpha_t * inner
 
         self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
         self._step_index += 1

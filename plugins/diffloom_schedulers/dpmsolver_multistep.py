@@ -27,10 +27,21 @@ from diffloom.randomness import randn_tensor
 from diffloom.scheduling import SchedulerMixin, SchedulerOutput
 
 from . import schedule
-from .schedule import VPMultistepMixin, exp_integrator_weights
+from .schedule import VPMultistepMixin
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
+
+
+def exp_integrator_weights(z: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """[J_0(z), ..., J_{count-1}(z)] (count <= 3) for a 0-d float32 z, with J_k(z) = z phi_{k+1}(z).
+
+    The closed forms J_0 = e^z - 1, J_1 = J_0 / z - 1 and J_2 = (J_0 - z) / z^2 - 1/2 are evaluated in float32
+    as the reference evaluates them (exp, not expm1): for small h the higher weights lose digits, and matching
+    that loss keeps the samples within float32 rounding of the reference's.
+    """
+    j0 = torch.exp(z) - 1.0
+    return [j0, j0 / z - 1.0, (j0 - z) / z**2 - 0.5][:count]
 
 
 class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
@@ -73,6 +84,10 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
     ):
         # Names the other multistep families use for these settings, so their configs load here.
         if algorithm_type == "deis":
+            if final_sigmas_type == "zero":
+                # diffusers refuses this pair: it checks the name as given, before reading it as dpmsolver++
+                raise ValueError("algorithm_type='deis' (read as 'dpmsolver++') does not take final_sigmas_type="
+                                 "'zero'; pass final_sigmas_type='sigma_min' or algorithm_type='dpmsolver++'")
             self.register_to_config(algorithm_type="dpmsolver++")
         elif algorithm_type not in ALGORITHMS:
             raise ValueError(f"algorithm_type={algorithm_type!r} is not supported; choose one of {list(ALGORITHMS)}")
@@ -130,6 +145,11 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         else:
             # Leave out the noisiest timesteps whose lambda is below lambda_min_clipped (for the cosine schedule).
             clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
+            if clipped == c.num_train_timesteps:
+                # diffusers lays out timestep -1 here and fails with IndexError during the run
+                raise ValueError(f"lambda_min_clipped={c.lambda_min_clipped} is above log(alpha / sigma) of every "
+                                 f"training step (at most {self.lambda_t[0].item():.3g}), so no timestep is left "
+                                 "to sample; pass a smaller lambda_min_clipped (-5.1 suits the cosine schedule)")
             timesteps = schedule.multistep_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps,
                                                      c.steps_offset, last_timestep=c.num_train_timesteps - clipped)
 
@@ -137,8 +157,10 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         n = num_inference_steps
         # The cosine schedule keeps the fractional timesteps of re-spaced sigmas (they are truncated to int64).
         round_t = np.round if c.beta_schedule != "squaredcos_cap_v2" else np.asarray
+        # sigma_min / sigma_max are not DPM-Solver options, but a config converted from Euler may carry them
+        bounds = dict(sigma_min=c.get("sigma_min"), sigma_max=c.get("sigma_max"))
         if c.use_karras_sigmas:
-            sigmas = schedule.karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
+            sigmas = schedule.convert_sigmas(np.flip(train_sigmas), n, use_karras=True, **bounds)
             timesteps = round_t(schedule.sigma_to_t(sigmas, log_sigmas))
         elif c.use_lu_lambdas:
             # Lu et al.'s uniform-lambda steps: evenly spaced in log sigma from the top of training to its bottom.
@@ -147,7 +169,7 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
             timesteps = round_t(schedule.sigma_to_t(sigmas, log_sigmas))
         elif c.use_exponential_sigmas or c.use_beta_sigmas:
             sigmas = schedule.convert_sigmas(np.flip(train_sigmas), n, use_exponential=c.use_exponential_sigmas,
-                                             use_beta=c.use_beta_sigmas)
+                                             use_beta=c.use_beta_sigmas, **bounds)
             timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
         elif c.use_flow_sigmas:
             sigmas = schedule.shifted_flow_sigmas(n, c.num_train_timesteps, shift)
@@ -184,50 +206,56 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
     def _update(self, sample: torch.Tensor, order: int, noise: torch.Tensor | None) -> torch.Tensor:
         c = self.config
         i = self._step_index
-        sigma_t = self._ladder(i + 1)
-        sigma_s = [self._ladder(i - k) for k in range(order)]  # s0 (current), s1, s2 (earlier)
-        alpha_t, sd_t = self._alpha_sigma(sigma_t)
-        alpha_s0, sd_s0 = self._alpha_sigma(sigma_s[0])
-        lam = [self._lambda(s) for s in sigma_s]
-        h = self._lambda(sigma_t) - lam[0]
+        alpha_t, sd_t = self._alpha_sigma(i + 1)
+        alpha_s0, sd_s0 = self._alpha_sigma(i)
+        lam = [self._lambda(i - k) for k in range(order)]  # s0 (current), s1, s2 (earlier)
+        h = self._lambda(i + 1) - lam[0]
         if h == 0:
             # A zero-length step (a Karras ladder ending on sigma_min repeats it) leaves the sample as it is;
             # the divided differences below would divide by h.
             return sample
+        if self._stochastic and h < 0:
+            # The SDE's fresh noise has variance sigma_t^2 (1 - e^{-2h}): negative when the noise level rises.
+            # diffusers returns NaN here; the only way to get such a step is the configuration named below.
+            raise ValueError(f"algorithm_type={c.algorithm_type!r} cannot step from sigma {self.sigmas[i]:g} up "
+                             f"to {self.sigmas[i + 1]:g}: the noise it adds would have negative variance. With "
+                             "use_flow_sigmas=True, final_sigmas_type='sigma_min' ends above the last flow sigma; "
+                             "pass final_sigmas_type='zero'")
 
+        # Divided differences in lambda, each scaled by h: D1 ~ h m'(s0), D2 ~ h^2 m''(s0) / 2.
         m = self.model_outputs[::-1]  # newest first
         D = [m[0]]
         if order >= 2:
             r0 = (lam[0] - lam[1]) / h
-            d0 = (m[0] - m[1]) / r0
+            d0 = (1.0 / r0) * (m[0] - m[1])
             if order == 2:
                 D.append(d0)
             else:
                 r1 = (lam[1] - lam[2]) / h
-                d1 = (m[1] - m[2]) / r1
+                d1 = (1.0 / r1) * (m[1] - m[2])
                 D.append(d0 + (r0 / (r0 + r1)) * (d0 - d1))
-                D.append((d0 - d1) / (r0 + r1))
+                D.append((1.0 / (r0 + r1)) * (d0 - d1))
 
         algo = c.algorithm_type
         if algo == "dpmsolver++":
             linear, scale, z = sd_t / sd_s0, -alpha_t, -h
         elif algo == "sde-dpmsolver++":
-            linear, scale, z = sd_t / sd_s0 * math.exp(-h), -alpha_t, -2.0 * h
+            linear, scale, z = sd_t / sd_s0 * torch.exp(-h), -alpha_t, -2.0 * h
         elif algo == "dpmsolver":
             linear, scale, z = alpha_t / alpha_s0, -sd_t, h
         else:
             linear, scale, z = alpha_t / alpha_s0, -2.0 * sd_t, h
-        weights = exp_integrator_weights(z, order)
+        weights = [scale * j for j in exp_integrator_weights(z, order)]
         if order == 2 and c.solver_type == "midpoint":
             weights[1] = 0.5 * weights[0]
 
         x = linear * sample
         for w, d in zip(weights, D):
-            x = x + (scale * w) * d
+            x = x + w * d
         if algo == "sde-dpmsolver++":
-            x = x + (sd_t * math.sqrt(-math.expm1(-2.0 * h))) * noise
+            x = x + sd_t * torch.sqrt(1.0 - torch.exp(-2.0 * h)) * noise
         elif algo == "sde-dpmsolver":
-            x = x + (sd_t * math.sqrt(math.expm1(2.0 * h))) * noise
+            x = x + sd_t * torch.sqrt(torch.exp(2.0 * h) - 1.0) * noise
         return x
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
@@ -238,6 +266,7 @@ class DPMSolverMultistepScheduler(VPMultistepMixin, SchedulerMixin):
                              "call set_timesteps(num_inference_steps) first")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         order = self._step_order()
         converted = self.convert_model_output(model_output, sample)
         self.model_outputs = self.model_outputs[1:] + [converted]

@@ -147,6 +147,7 @@ class EulerDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
             logger.warning("call scale_model_input before step, or the denoiser sees unscaled inputs")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         sample = sample.to(torch.float32)  # integrate in full precision
         sigma = self.sigmas[self._step_index]
 

@@ -79,6 +79,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin)
             logger.warning("call scale_model_input before step, or the denoiser sees unscaled inputs")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         sigma = self.sigmas[self._step_index]
         sigma_next = self.sigmas[self._step_index + 1]
         sample = sample.to(torch.float32)

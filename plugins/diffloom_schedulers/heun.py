@@ -64,7 +64,9 @@ class HeunDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
         else:
             grid = schedule.spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps,
                                              config.steps_offset, integer=False)
-        num_inference_steps = len(grid)
+        # the step count asked for, even where "trailing" rounding lays out one timestep more (diffusers then
+        # re-spaces sigmas to the count asked for)
+        num_inference_steps = num_inference_steps or len(grid)
         self.num_inference_steps = num_inference_steps
 
         train_sigmas = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)

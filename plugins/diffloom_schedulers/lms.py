@@ -2,8 +2,14 @@
 
 The derivatives seen at the last few sigmas are fitted by a polynomial in sigma; integrating that polynomial
 over the next interval gives the update. The weight of each past derivative is the integral of its Lagrange
-basis polynomial, computed here by Gauss-Legendre quadrature, which is exact for polynomials of degree
-< 2 * nodes.
+basis polynomial.
+
+diffusers integrates that basis with SciPy's ``quad`` (QUADPACK) on a float32 integrand: the quadrature point
+is rounded to float32 before the differences tau - sigma_k are taken, which costs up to ~1e-4 of relative
+accuracy where sigmas crowd together (Karras or beta ladders, many steps). The weights here repeat that
+computation, 21-point Gauss-Kronrod on the float32 integrand, so the samples agree with diffusers to float32
+rounding instead of to that quadrature noise. Where QUADPACK would not accept the first Gauss-Kronrod pass
+(a few percent of weights at most, where float32 noise swamps the integrand), the exact integral is used instead.
 """
 
 from __future__ import annotations
@@ -18,16 +24,87 @@ from diffloom.scheduling import SchedulerMixin, SchedulerOutput
 
 from . import schedule
 
+# The 21-point Gauss-Kronrod rule (QUADPACK's qk21): abscissae on [0, 1] of the symmetric rule, the last one the
+# centre; every second abscissa from the second on is also a node of the embedded 10-point Gauss rule.
+GK21_NODES = np.array([
+    0.995657163025808080735527280689003, 0.973906528517171720077964012084452, 0.930157491355708226001207180059508,
+    0.865063366688984510732096688423493, 0.780817726586416897063717578345042, 0.679409568299024406234327365114874,
+    0.562757134668604683339000099272694, 0.433395394129247190799265943165784, 0.294392862701460198131126603103866,
+    0.148874338981631210884826001129720, 0.0])
+GK21_WEIGHTS = np.array([
+    0.011694638867371874278064396062192, 0.032558162307964727478818972459390, 0.054755896574351996031381300244580,
+    0.075039674810919952767043140916190, 0.093125454583697605535065465083366, 0.109387158802297641899210590325805,
+    0.123491976262065851077958109831074, 0.134709217311473325928054001771707, 0.142775938577060080797094273138717,
+    0.147739104901338491374841515972068, 0.149445554002916905664936468389821])
+GAUSS10_WEIGHTS = np.array([
+    0.066671344308688137593568809893332, 0.149451349150580593145776339657697, 0.219086362515982043995534934228163,
+    0.269266719309996355091226921569469, 0.295524224714752870173892994651338])
+EPSILON = np.finfo(np.float64).eps
 
-def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
-    """Integral over [a, b] of the Lagrange basis polynomial that is 1 at nodes[j] and 0 at the other nodes."""
-    x, w = np.polynomial.legendre.leggauss(max(len(nodes), 1))
-    tau = (b - a) / 2 * x + (a + b) / 2  # map [-1, 1] onto [a, b]
-    basis = np.ones_like(tau)
+
+def lagrange_basis_float32(tau: np.ndarray, nodes: np.ndarray, j: int) -> np.ndarray:
+    """The Lagrange basis polynomial that is 1 at nodes[j] (float32 values), evaluated in float32 at tau
+    (rounded to float32 first), factor by factor."""
+    tau = tau.astype(np.float32)
+    value = np.ones_like(tau)
     for k, node in enumerate(nodes):
         if k != j:
-            basis *= (tau - node) / (nodes[j] - node)
-    return float((b - a) / 2 * np.dot(w, basis))
+            value = value * ((tau - node) / (nodes[j] - node))
+    return value
+
+
+def exact_lagrange_integral(nodes: np.ndarray, j: int, a: float, b: float) -> float:
+    """Integral over [a, b] of the Lagrange basis on ``nodes`` in float64 (Gauss-Legendre, exact for it)."""
+    x, w = np.polynomial.legendre.leggauss(max(len(nodes), 1))
+    tau = (b - a) / 2 * x + (a + b) / 2
+    value = np.ones_like(tau)
+    for k, node in enumerate(nodes.astype(np.float64)):
+        if k != j:
+            value = value * ((tau - node) / (float(nodes[j]) - node))
+    return float((b - a) / 2 * np.dot(w, value))
+
+
+def lms_weight(nodes: np.ndarray, j: int, a: float, b: float) -> float:
+    """Integral over [a, b] of the float32 Lagrange basis on ``nodes`` (float32 sigmas), as QUADPACK's first
+    Gauss-Kronrod pass computes it (scipy.integrate.quad with epsrel=1e-4, the default epsabs); the exact
+    integral where QUADPACK would go on to subdivide."""
+    if a == b:
+        return 0.0  # a repeated sigma: QUADPACK returns 0 without evaluating the (here undefined) basis
+    with np.errstate(divide="ignore", invalid="ignore"):  # repeated nodes give inf / NaN, as in the reference
+        return _first_gauss_kronrod_pass(nodes, j, a, b)
+
+
+def _first_gauss_kronrod_pass(nodes: np.ndarray, j: int, a: float, b: float) -> float:
+    centre, half = 0.5 * (a + b), 0.5 * (b - a)
+    # float32 integrand values, summed in float64
+    f_centre = float(lagrange_basis_float32(np.array([centre]), nodes, j)[0])
+    f_left = lagrange_basis_float32(centre - half * GK21_NODES[:-1], nodes, j).astype(np.float64)
+    f_right = lagrange_basis_float32(centre + half * GK21_NODES[:-1], nodes, j).astype(np.float64)
+    pairs = f_left + f_right
+    # QUADPACK sums the centre, then the Gauss nodes, then the Kronrod-only nodes
+    kronrod = GK21_WEIGHTS[-1] * f_centre
+    for i in (*range(1, 10, 2), *range(0, 10, 2)):
+        kronrod += GK21_WEIGHTS[i] * pairs[i]
+    gauss = float(np.dot(GAUSS10_WEIGHTS, pairs[1:10:2]))
+    result = kronrod * half
+
+    # QUADPACK's error estimate and its test for stopping after this first pass
+    mean = kronrod * 0.5
+    spread = GK21_WEIGHTS[-1] * abs(f_centre - mean) + float(np.dot(
+        GK21_WEIGHTS[:-1], np.abs(f_left - mean) + np.abs(f_right - mean)))
+    magnitude = (GK21_WEIGHTS[-1] * abs(f_centre) + float(np.dot(
+        GK21_WEIGHTS[:-1], np.abs(f_left) + np.abs(f_right)))) * abs(half)
+    spread *= abs(half)
+    error = abs((kronrod - gauss) * half)
+    if spread != 0 and error != 0:
+        error = spread * min(1.0, (200 * error / spread) ** 1.5)
+    if magnitude > np.finfo(np.float64).tiny / (50 * EPSILON):
+        error = max(50 * EPSILON * magnitude, error)
+    bound = max(1.49e-8, 1e-4 * abs(result))
+    accepted = (error <= bound and error != magnitude) or error == 0 or error <= 100 * EPSILON * magnitude
+    if accepted:
+        return float(result)
+    return exact_lagrange_integral(nodes, j, a, b)
 
 
 class LMSDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
@@ -83,8 +160,8 @@ class LMSDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """Weight of the derivative taken ``current_order`` steps ago, for the step from sigma_t to sigma_{t+1}."""
-        nodes = [float(self.sigmas[t - k]) for k in range(order)]
-        return lagrange_integral(nodes, current_order, float(self.sigmas[t]), float(self.sigmas[t + 1]))
+        nodes = np.array([self.sigmas[t - k].item() for k in range(order)], dtype=np.float32)
+        return lms_weight(nodes, current_order, self.sigmas[t].item(), self.sigmas[t + 1].item())
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
              return_dict: bool = True):
@@ -92,6 +169,7 @@ class LMSDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
             warnings.warn("call scale_model_input before step, or the denoiser sees unscaled inputs", stacklevel=2)
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         sigma = self.sigmas[self._step_index]
         x0 = schedule.sigma_predict_x0(self.config.prediction_type, model_output, sample, sigma,
                                        type(self).__name__)

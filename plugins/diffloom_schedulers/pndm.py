@@ -145,6 +145,7 @@ class PNDMScheduler(SchedulerMixin):
 
     def _get_prev_sample(self, sample, timestep, prev_timestep, model_output):
         """x_{t-delta} from x_t and a noise estimate: the transfer function phi of eq. 11 in the PNDM paper."""
+        schedule.check_timestep_fits(timestep, self.config, type(self).__name__)
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         beta_prod_t = 1 - alpha_prod_t

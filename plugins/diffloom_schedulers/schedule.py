@@ -114,6 +114,18 @@ def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps
     return timesteps.astype(np.int64 if integer else np.float32)
 
 
+def check_timestep_fits(timestep, config, owner: str) -> None:
+    """Schedulers that index alpha_bar by timestep need it below num_train_timesteps; "leading" spacing plus
+    steps_offset can put the first timestep past that (diffusers then fails with IndexError). Checked in step, not
+    set_timesteps: an img2img run that starts lower never reaches it, in diffusers as here."""
+    T = config.num_train_timesteps
+    if timestep >= T:
+        raise ValueError(f"{owner}: timestep {int(timestep)} is past the last training step {T - 1} (steps_offset="
+                         f"{config.steps_offset} with timestep_spacing={config.timestep_spacing!r} puts the first "
+                         "timesteps there); lower steps_offset or num_inference_steps, or use "
+                         "timestep_spacing='trailing'")
+
+
 def check_schedule_args(owner: str, num_inference_steps=None, timesteps=None, sigmas=None,
                         takes_timesteps: bool = False, takes_sigmas: bool = False) -> None:
     """Refuse impossible combinations of set_timesteps arguments before any state changes."""
@@ -270,11 +282,16 @@ def check_one_sigma_option(config) -> None:
 def sigma_to_t(sigmas, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timesteps of the given sigmas, interpolating linearly in log sigma.
 
-    ``log_sigmas`` is the ascending log of the training sigmas; values outside the range clamp to its ends.
+    ``log_sigmas`` is the log of the training sigmas, t ascending; values outside the range clamp to its ends.
+    The lower neighbour is the last training step whose log sigma does not exceed the value: zero terminal SNR
+    makes the ladder dip just before its top (alpha_bar[-1] is raised to 2^-24), where a bisection would pick
+    a different interval than diffusers.
     """
     sigmas = np.asarray(sigmas)
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    not_above = log_sigmas[None, :] <= log_sigma.reshape(-1, 1)
+    last = len(log_sigmas) - 1 - np.argmax(not_above[:, ::-1], axis=1)
+    low = np.clip(np.where(not_above.any(axis=1), last, 0), 0, len(log_sigmas) - 2)
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     return ((1 - w) * low + w * high).reshape(sigmas.shape)
@@ -394,6 +411,14 @@ class StepIndexMixin:
                              "pass a value from scheduler.timesteps")
         return matches[1 if len(matches) > 1 else 0].item()
 
+    def _check_not_finished(self) -> None:
+        """Refuse a step past the last timestep (diffusers fails there with an IndexError)."""
+        if self._step_index >= len(self.timesteps):
+            raise ValueError(
+                f"step() was called after the last of the {len(self.timesteps)} timesteps; call set_timesteps to "
+                "start a new run. (An img2img run that starts on a repeated timestep also ends up here: call "
+                "set_begin_index with the start position, as the pipelines do.)")
+
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is None:
             if isinstance(timestep, torch.Tensor):
@@ -478,17 +503,6 @@ def shifted_flow_sigmas(num_inference_steps: int, num_train_timesteps: int, shif
     return np.flip(shift * t / (1 + (shift - 1) * t))[:-1].copy()
 
 
-def exp_integrator_weights(z: float, count: int) -> list[float]:
-    """[J_0(z), ..., J_{count-1}(z)] with J_k(z) = z phi_{k+1}(z), the exponential-integrator weights.
-
-    J_k(z) = z * integral_0^1 e^{z (1 - s)} s^k / k! ds, so J_0 = e^z - 1 and J_k = J_{k-1} / z - 1 / k!.
-    """
-    weights = [math.expm1(z)]
-    for k in range(1, count):
-        weights.append(weights[-1] / z - 1 / math.factorial(k))
-    return weights
-
-
 class VPMultistepMixin(StepIndexMixin):
     """What DPM-Solver, UniPC and DEIS share: the training noise schedule, turning a model output into a data
     or noise prediction, and forward noising.
@@ -528,12 +542,13 @@ class VPMultistepMixin(StepIndexMixin):
     def _reset_run_state(self) -> None:
         """Start a fresh run. Everything per-run is rebound, never mutated, so copies of a scheduler stay apart."""
         self.model_outputs = [None] * self.config.solver_order
+        self._levels = {}
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
 
     def _store_run_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, device) -> None:
-        # sigmas stay on the CPU: the solvers read them as Python floats, with no device round trip per step
+        # sigmas stay on the CPU: the solvers take 0-d scalars from them, with no device round trip per step
         self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
         self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(timesteps)
@@ -543,34 +558,42 @@ class VPMultistepMixin(StepIndexMixin):
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         return sigmas, np.log(sigmas)
 
-    # -- noise levels as numbers ---------------------------------------------------------------------------
+    # -- noise levels as float32 scalars -------------------------------------------------------------------
+    #
+    # The solvers' coefficients are 0-d float32 tensors, computed from the float32 ladder in the same order as
+    # the reference. At high noise an update cancels almost completely (x0 = (x - sigma_t eps) / alpha_t), so
+    # every float32 rounding shows; and a 0-d tensor multiplies a half-precision latent in half precision,
+    # which a Python float would not.
 
-    def _alpha_sigma(self, sigma: float) -> tuple[float, float]:
-        """(alpha_t, sigma_t) of the latent x = alpha_t x0 + sigma_t eps at ladder value ``sigma``.
+    def _alpha_sigma(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of the latent x = alpha_t x0 + sigma_t eps at ladder entry ``index``."""
+        return self._level(index)[:2]
 
-        Computed in float32, as the reference does: at high noise x0 = (x - sigma_t eps) / alpha_t cancels
-        almost completely, so one float32 rounding of sigma_t more or less shows in the result.
-        """
-        s = torch.tensor(sigma, dtype=torch.float32)
-        if self.config.use_flow_sigmas:
-            return (1 - s).item(), sigma
-        alpha = 1 / (s**2 + 1) ** 0.5
-        return alpha.item(), (s * alpha).item()
+    def _lambda(self, index: int) -> torch.Tensor:
+        """Half log-SNR log(alpha_t / sigma_t) at ladder entry ``index``; +inf at sigma = 0."""
+        return self._level(index)[2]
 
-    def _lambda(self, sigma: float) -> float:
-        """Half log-SNR log(alpha_t / sigma_t) (float32, like the reference); +inf at sigma = 0."""
-        alpha, sigma_t = torch.tensor(self._alpha_sigma(sigma), dtype=torch.float32)
-        return (torch.log(alpha) - torch.log(sigma_t)).item()
-
-    def _ladder(self, index: int) -> float:
-        return self.sigmas[index].item()
+    def _level(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t, lambda_t) at ladder entry ``index``, computed once per run (a step reads each
+        entry up to four times)."""
+        if index not in self._levels:
+            s = self.sigmas[index]
+            if self.config.use_flow_sigmas:
+                alpha, sigma = 1 - s, s
+            else:
+                alpha = 1 / (s**2 + 1) ** 0.5
+                sigma = s * alpha
+            self._levels = {**self._levels, index: (alpha, sigma, torch.log(alpha) - torch.log(sigma))}
+        return self._levels[index]
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Position of ``timestep`` in the run, its first occurrence.
+        """Position of ``timestep`` in the run; of a repeated value, the second occurrence unless the first
+        opens the schedule.
 
         A multistep run visits each entry once, and truncated fractional timesteps can repeat (a Karras ladder
-        on the cosine schedule starts [998, 998, ...]): a fresh run must begin at the first, not the second as
-        for the doubled timesteps of Heun-type schedules, or it steps past its end.
+        on the cosine schedule starts [998, 998, ...], flow sigmas over few training steps repeat anywhere).
+        Like diffusers we take the second occurrence, which is right for img2img started just after a repeat;
+        but a fresh run must begin at entry 0, or it steps past its end (diffusers raises IndexError there).
         """
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
@@ -578,7 +601,9 @@ class VPMultistepMixin(StepIndexMixin):
         if len(matches) == 0:
             raise ValueError(f"timestep {float(timestep):g} is not one of this scheduler's timesteps; "
                              "pass a value from scheduler.timesteps")
-        return matches[0].item()
+        if len(matches) == 1 or matches[0].item() == 0:
+            return matches[0].item()
+        return matches[1].item()
 
     # -- what the network predicted ------------------------------------------------------------------------
 
@@ -591,8 +616,8 @@ class VPMultistepMixin(StepIndexMixin):
     def _data_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x0 implied by the model output at the current step, thresholded if the config asks."""
         c = self.config
-        sigma = self._ladder(self._step_index)
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        sigma = self.sigmas[self._step_index]
+        alpha_t, sigma_t = self._alpha_sigma(self._step_index)
         if c.prediction_type == "epsilon":
             x0 = (sample - sigma_t * model_output) / alpha_t
         elif c.prediction_type == "sample":
@@ -605,10 +630,12 @@ class VPMultistepMixin(StepIndexMixin):
             x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
         return x0
 
-    def _noise_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """eps implied by the model output at the current step; thresholding clips the x0 it implies."""
+    def _noise_prediction(self, model_output: torch.Tensor, sample: torch.Tensor,
+                          threshold: bool = True) -> torch.Tensor:
+        """eps implied by the model output at the current step; thresholding (if on and ``threshold``) clips the
+        x0 it implies."""
         c = self.config
-        alpha_t, sigma_t = self._alpha_sigma(self._ladder(self._step_index))
+        alpha_t, sigma_t = self._alpha_sigma(self._step_index)
         if c.prediction_type == "epsilon":
             eps = model_output
         elif c.prediction_type == "sample":
@@ -618,7 +645,7 @@ class VPMultistepMixin(StepIndexMixin):
         else:
             raise ValueError(f"prediction_type={c.prediction_type!r} needs a data-prediction solver; "
                              f"{type(self).__name__} is set up to integrate the noise prediction")
-        if c.thresholding:
+        if c.thresholding and threshold:
             x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
             eps = (sample - alpha_t * x0) / sigma_t
         return eps

@@ -29,7 +29,7 @@ from diffloom.configuration import register_to_config
 from diffloom.scheduling import SchedulerMixin, SchedulerOutput
 
 from . import schedule
-from .schedule import VPMultistepMixin, exp_integrator_weights
+from .schedule import VPMultistepMixin
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -171,56 +171,70 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
     # -- stepping ------------------------------------------------------------------------------------------
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """The data prediction x0 (``predict_x0``) or the noise prediction eps."""
+        """The data prediction x0 (``predict_x0``) or the noise prediction eps.
+
+        diffusers thresholds only the data prediction; with predict_x0=False, thresholding is ignored.
+        """
         if self.config.predict_x0:
             return self._data_prediction(model_output, sample)
-        return self._noise_prediction(model_output, sample)
+        return self._noise_prediction(model_output, sample, threshold=False)
 
     def _bh_update(self, x: torch.Tensor, s_indices: list[int], t_index: int, outputs: list[torch.Tensor],
                    this_output: torch.Tensor | None = None) -> torch.Tensor:
         """One UniP step (``this_output`` None) or UniC step from ladder[s_indices[0]] to ladder[t_index].
 
         ``s_indices`` and ``outputs`` run newest first; their length is the order p. The corrector also knows
-        the model output at t, ``this_output``.
+        the model output at t, ``this_output``. Scalars are 0-d float32 tensors, combined in the reference's
+        order (see VPMultistepMixin).
         """
         c = self.config
         order = len(outputs)
-        sigma_t, sigma_s0 = self._ladder(t_index), self._ladder(s_indices[0])
-        alpha_t, sd_t = self._alpha_sigma(sigma_t)
-        alpha_s0, sd_s0 = self._alpha_sigma(sigma_s0)
-        lam_s0 = self._lambda(sigma_s0)
-        h = self._lambda(sigma_t) - lam_s0
+        alpha_t, sd_t = self._alpha_sigma(t_index)
+        alpha_s0, sd_s0 = self._alpha_sigma(s_indices[0])
+        lam_s0 = self._lambda(s_indices[0])
+        h = self._lambda(t_index) - lam_s0
         if h == 0:
             return x  # a zero-length step (the repeated last sigma of a respaced ladder) moves nothing
         m0 = outputs[0]
 
+        hh = -h if c.predict_x0 else h
+        j0 = torch.expm1(hh)  # J_0(hh) = e^hh - 1
         if c.predict_x0:
-            hh, scale = -h, alpha_t
-            x_t = (sd_t / sd_s0) * x - (alpha_t * math.expm1(hh)) * m0
+            scale = alpha_t
+            x_t = sd_t / sd_s0 * x - alpha_t * j0 * m0
         else:
-            hh, scale = h, sd_t
+            scale = sd_t
             # sigma_t (e^h - 1) tends to alpha_t sigma_s0 / alpha_s0 as sigma_t -> 0 (h -> inf)
-            first = sd_t * math.expm1(hh) if sd_t > 0 else alpha_t * sd_s0 / alpha_s0
-            x_t = (alpha_t / alpha_s0) * x - first * m0
+            first = sd_t * j0 if sd_t > 0 else alpha_t * sd_s0 / alpha_s0
+            x_t = alpha_t / alpha_s0 * x - first * m0
 
         if this_output is None and order == 1:
             return x_t.to(x.dtype)
 
-        rks = [(self._lambda(self._ladder(s)) - lam_s0) / h for s in s_indices[1:]] + [1.0]
+        rks = [(self._lambda(s) - lam_s0) / h for s in s_indices[1:]]
         diffs = [(m - m0) / r for m, r in zip(outputs[1:], rks)]
-        big_b = hh if c.solver_type == "bh1" else math.expm1(hh)
-        j_weights = exp_integrator_weights(hh, order + 1)
-        rhs = np.array([j_weights[k] * math.factorial(k) / big_b for k in range(1, order + 1)])
-        powers = np.array([[r**k for r in rks] for k in range(order)])
+        big_b = hh if c.solver_type == "bh1" else torch.expm1(hh)
+        # Order conditions sum_k rho_k r_k^(j-1) = J_j(hh) j! / B(hh), j = 1..p, with the recursion
+        # J_j = J_{j-1} / hh - 1 / j! (all float32).
+        powers = torch.stack([torch.stack(rks + [torch.ones(())]) ** j for j in range(order)])
+        rhs, j_k, factorial = [], j0 / hh - 1, 1
+        for j in range(1, order + 1):
+            rhs.append(j_k * factorial / big_b)
+            factorial *= j + 1
+            j_k = j_k / hh - 1 / factorial
+        rhs = torch.stack(rhs)
         if this_output is None:
             # UniP-p uses the first p - 1 conditions; for p = 2 the paper fixes rho = 1/2 (exact as h -> 0)
-            rhos = [0.5] if order == 2 else np.linalg.solve(powers[:-1, :-1], rhs[:-1]).tolist()
+            rhos = torch.full((1,), 0.5) if order == 2 else torch.linalg.solve(powers[:-1, :-1], rhs[:-1])
+            rhos = rhos.to(device=x.device, dtype=x.dtype)
+            residual = torch.einsum("k,bkc...->bc...", rhos, torch.stack(diffs, dim=1))
         else:
-            rhos = [0.5] if order == 1 else np.linalg.solve(powers, rhs).tolist()
-            diffs.append(this_output - m0)
-
-        residual = sum(rho * d for rho, d in zip(rhos, diffs))
-        return (x_t - (scale * big_b) * residual).to(x.dtype)
+            rhos = torch.full((1,), 0.5) if order == 1 else torch.linalg.solve(powers, rhs)
+            rhos = rhos.to(device=x.device, dtype=x.dtype)
+            residual = rhos[-1] * (this_output - m0)
+            if diffs:
+                residual = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(diffs, dim=1)) + residual
+        return (x_t - scale * big_b * residual).to(x.dtype)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Correct ``sample`` with the new model output (UniC), then predict the next one (UniP)."""
@@ -230,6 +244,7 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
                              "call set_timesteps(num_inference_steps) first")
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._check_not_finished()
         i = self._step_index
 
         converted = self.convert_model_output(model_output, sample)
@@ -243,7 +258,7 @@ class UniPCMultistepScheduler(VPMultistepMixin, SchedulerMixin):
         order = c.solver_order
         if c.lower_order_final:
             order = min(order, len(self.timesteps) - i)
-        if self._ladder(i + 1) == 0:
+        if self.sigmas[i + 1] == 0:
             order = 1  # see the module docstring: only the first order reaches sigma = 0
         self.this_order = min(order, self.lower_order_nums + 1)  # warm-up: an order-p step needs p outputs
         self.last_sample = sample
