@@ -14,13 +14,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CONTROLNET_PREFIX = "control_model."
 
-# Buffers of the LDM training wrapper (the DDPM schedule, the loss's log-variance), EMA copies and the VAE's
-# training loss (LPIPS, discriminator): saved in many checkpoints, used by no pipeline.
+# Buffers of the LDM training wrapper (the DDPM schedule, the loss's log-variance), EMA copies (read only with
+# extract_ema=True), the VAE's training loss (LPIPS, discriminator), SGM's denoiser sigmas and the textual-inversion
+# trainer's embedding manager: saved in many checkpoints, used by no pipeline.
 IGNORED_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                 "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights"}
-IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
+IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "denoiser.", "embedding_manager.")
+EMA_PREFIX = "model_ema."
 
 
 class DetectionError(ValueError):
@@ -40,16 +42,33 @@ class Family:
 
     @property
     def pipeline(self) -> str:
+        if self.in_channels in _OTHER_TASKS:
+            task, pipeline = _OTHER_TASKS[self.in_channels]
+            raise DetectionError(
+                f"this file's UNet reads {self.in_channels} input channels, as {task} models do: load it with "
+                f"{pipeline}.from_single_file and config= (a diffusers folder of the same model), or load the "
+                f"UNet alone with UNet2DConditionModel.from_single_file")
+        if self.in_channels not in (4, 9):
+            raise DetectionError(f"this file's UNet reads {self.in_channels} input channels, which no Stable "
+                                 f"Diffusion pipeline takes; pass config= with the pipeline's diffusers folder")
         if self.name == "sdxl-refiner":
             return "StableDiffusionXLImg2ImgPipeline"
         stem = "StableDiffusionXL" if self.name == "sdxl-base" else "StableDiffusion"
         return f"{stem}{'Inpaint' if self.inpainting else ''}Pipeline"
 
     @property
+    def image_size(self) -> int:
+        """The resolution the family was trained at (as diffusers' loader assumes it): SD 2's inpainting model and
+        x4 upscaler were trained at 512, not 768."""
+        if self.name.startswith("sdxl"):
+            return 1024
+        return 768 if self.name == "sd2" and self.in_channels in (4, 5) else 512
+
+    @property
     def prediction_type(self) -> str:
         # SD 2's 768 models predict v; its 512-base model predicts noise, which weights cannot tell apart:
-        # that one needs config= or a scheduler= of its own.
-        return "v_prediction" if self.name == "sd2" else "epsilon"
+        # that one needs config= or a scheduler= of its own. SD 2's inpainting model predicts noise.
+        return "v_prediction" if self.name == "sd2" and self.in_channels == 4 else "epsilon"
 
 
 TEXT_ENCODERS = {
@@ -59,6 +78,10 @@ TEXT_ENCODERS = {
                   "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
     "sdxl-refiner": {"text_encoder_2": ("conditioner.embedders.0.model.", "openclip")},
 }
+# UNets whose inputs are the latents plus a task's conditioning, which the generic pipelines cannot drive.
+_OTHER_TASKS = {8: ("instruct-pix2pix", "StableDiffusionInstructPix2PixPipeline"),
+                5: ("depth-to-image", "StableDiffusionDepth2ImgPipeline"),
+                7: ("x4 upscaler", "StableDiffusionUpscalePipeline")}
 # The cross-attention width of each family's UNet: what its text encoder(s) produce.
 _CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl-base", 1280: "sdxl-refiner"}
 
@@ -92,9 +115,16 @@ def detect(shapes: dict) -> Family:
                 f"{'no cross-attention layers' if width is None else f'a {width}-wide cross-attention'}; "
                 f"pass config= (a diffusers folder or Hub id of the same model)")
         name = _CONTEXT_DIM[width]
-    conv_in = f"{UNET_PREFIX}input_blocks.0.0.weight"
-    in_channels = shape(conv_in)[1] if conv_in in shapes else 4
-    return Family(name, in_channels, TEXT_ENCODERS[name])
+    return Family(name, in_channels(shapes), TEXT_ENCODERS[name])
+
+
+def in_channels(shapes: dict) -> int:
+    """The UNet's input channels: its first conv, under the pipeline prefix or (a UNet alone) at the top level, in
+    either layout; 4 when the file holds no UNet."""
+    for key in (f"{UNET_PREFIX}input_blocks.0.0.weight", "input_blocks.0.0.weight", "conv_in.weight"):
+        if key in shapes:
+            return tuple(getattr(shapes[key], "shape", shapes[key]))[1]
+    return 4
 
 
 # -- configs of the known families --------------------------------------------------------------------------
@@ -158,6 +188,14 @@ SCHEDULER = {
                                                  timestep_spacing="leading", use_karras_sigmas=False)),
 }
 SCHEDULER["sdxl-refiner"] = SCHEDULER["sdxl-base"]
+# The scheduler settings from_single_file starts from when prediction_type= or scheduler_type= is given: Stable
+# Diffusion's training schedule with the usual sampling settings, whatever config= holds.
+SCHEDULER_TRAINING = dict(_SD_BETAS, skip_prk_steps=True, timestep_spacing="leading", interpolation_type="linear",
+                          sample_max_value=1.0, prediction_type="epsilon")
+# from_single_file's scheduler_type= names (the original conversion script's) -> scheduler class
+SCHEDULER_TYPES = {"pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+                   "euler": "EulerDiscreteScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler",
+                   "dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
 
 # Pipeline settings that differ by family (as the public repos' model_index.json files set them).
 SETTINGS = {"sdxl-refiner": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}}

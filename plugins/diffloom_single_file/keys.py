@@ -32,11 +32,16 @@ def first(keys, n=5) -> str:
 # Inside a ResBlock: LDM wraps its layers in Sequentials (norm, SiLU, conv) and names the shortcut differently.
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-# Fixed names outside the blocks; the embeddings are Sequentials (linear, SiLU, linear).
+# Fixed names outside the blocks; the embeddings are Sequentials (linear, SiLU, linear). LDM has one label
+# embedding: SDXL's size/crop conditioning (diffusers' add_embedding), a projected class vector (SD unCLIP) or a
+# class table (the x4 upscaler's noise level), which diffusers calls class_embedding.
 _UNET_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
                "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-               "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-               "controlnet_mid_block": "middle_block_out.0"}
+               "add_embedding.linear_2": "label_emb.0.2", "class_embedding.linear_1": "label_emb.0.0",
+               "class_embedding.linear_2": "label_emb.0.2", "class_embedding": "label_emb",
+               "conv_norm_out": "out.0", "conv_out": "out.2", "controlnet_mid_block": "middle_block_out.0"}
+# Config features whose weights have no name in the original layout, as the error names them.
+_NO_ORIGINAL_NAME = {"time_embedding.cond_proj": "time_cond_proj_dim (LCM's guidance-scale embedding)"}
 
 
 def _counts(keys, prefix):
@@ -109,6 +114,10 @@ def unet_key_map(keys) -> dict[str, str]:
             target = f"input_hint_block.{position}"
         elif name in _UNET_FIXED:
             target = _UNET_FIXED[name]
+        elif name in _NO_ORIGINAL_NAME:
+            raise ConversionError(f"the config sets {_NO_ORIGINAL_NAME[name]}, whose weights ({key}) have no name "
+                                  f"in the original layout: a single file cannot hold this UNet; keep it in a "
+                                  f"diffusers folder (from_pretrained / save_pretrained)")
         else:
             raise ConversionError(f"the UNet key {key} has no place in the original Stable Diffusion layout "
                                   f"(a feature of this config that single files do not carry)")
@@ -178,8 +187,14 @@ def model_to_original(kind: str, state_dict: dict) -> dict[str, torch.Tensor]:
 
 
 def model_from_original(kind: str, tensors: dict, expected: dict, where: str) -> dict[str, torch.Tensor]:
-    """LDM-named ``tensors`` in the names (and shapes) of ``expected``, a diffusers-layout state dict."""
-    mapping = _key_map(kind, list(expected))
+    """LDM-named ``tensors`` in the names (and shapes) of ``expected``, a diffusers-layout state dict. A file
+    already in diffusers' names (a model folder's weights file) is taken as it is."""
+    if set(tensors) == set(expected):
+        return dict(tensors)
+    try:
+        mapping = _key_map(kind, list(expected))
+    except ConversionError as e:
+        raise ConversionError(f"{where}: {e}") from None
     inverse = {v: k for k, v in mapping.items()}
     unknown = [k for k in tensors if k not in inverse]
     missing = [v for v in mapping.values() if v not in tensors]
