@@ -97,12 +97,19 @@ class ConfigMixin:
     # -- reading ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def load_config(cls, pretrained_model_name_or_path, subfolder: str | None = None, **hub_kwargs) -> dict:
-        """Read ``cls.config_name`` from a folder (or Hub id); returns a plain dict."""
+    def load_config(cls, pretrained_model_name_or_path, subfolder: str | None = None,
+                    return_unused_kwargs: bool = False, **kwargs):
+        """Read ``cls.config_name`` from a folder (or Hub id); returns a plain dict, or with
+        ``return_unused_kwargs`` the pair (dict, keyword arguments that were not for the Hub)."""
         from . import hub
 
+        hub_kwargs = hub.split_hub_kwargs(kwargs)
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.load_config got unexpected arguments {sorted(kwargs)}; it takes "
+                            f"subfolder, return_unused_kwargs and the Hub arguments {list(hub.HUB_KWARGS)}")
         path = hub.resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
-        return read_json(path)
+        config = read_json(path)
+        return (config, kwargs) if return_unused_kwargs else config
 
     @classmethod
     def from_config(cls, config: dict | None = None, return_unused_kwargs: bool = False, **kwargs):
@@ -158,7 +165,8 @@ class ConfigMixin:
     # -- writing ---------------------------------------------------------------------------------------------
 
     def to_json_string(self) -> str:
-        data = {k: _jsonable(v) for k, v in self.config.items() if k != _DEFAULTED}
+        # Where the object was loaded from is not written: a saved folder must not point at the saver's disk.
+        data = {k: _jsonable(v) for k, v in self.config.items() if k not in (_DEFAULTED, "_name_or_path")}
         data["_class_name"] = type(self).__name__
         data.setdefault("_diffusers_version", DIFFUSERS_FORMAT_VERSION)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"

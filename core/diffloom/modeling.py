@@ -31,10 +31,20 @@ class WeightsError(hub.LoadError):
 
 
 def _with_variant(name: str, variant: str | None) -> str:
+    """diffusers' variant naming: the variant goes before the last suffix, so ``x.safetensors`` becomes
+    ``x.fp16.safetensors`` and the index ``x.safetensors.index.json`` becomes ``x.safetensors.index.fp16.json``."""
     if not variant:
         return name
-    stem, dot, ext = name.partition(".")
+    stem, _, ext = name.rpartition(".")
     return f"{stem}.{variant}.{ext}"
+
+
+def variant_of(filename: str) -> str | None:
+    """The variant a weight file belongs to: "fp16" for ``x.fp16.safetensors`` or ``x.fp16-00001-of-00002.bin``,
+    None for ``x.safetensors`` or ``x-00001-of-00002.safetensors``."""
+    stem = filename.rpartition("/")[2].rpartition(".")[0]
+    _, dot, variant = stem.partition(".")
+    return re.sub(r"-\d+-of-\d+$", "", variant) if dot else None
 
 
 def parse_size(size) -> int:
@@ -49,6 +59,48 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
+def resolve_dtype_arguments(dtype, torch_dtype):
+    """diffusers renamed ``torch_dtype`` to ``dtype`` and accepts either; both at once is a mistake."""
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype or torch_dtype, not both: dtype is the newer name of the same argument")
+    return torch_dtype if dtype is None else dtype
+
+
+# accelerate's placement strategies: on a machine without an accelerator they place everything on the CPU.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_from_map(device_map) -> torch.device | None:
+    """The one device a ``device_map`` names (a device, or ``{"": device}``); None for no map.
+
+    A model is never split over devices, so a map with several entries, or a placement strategy on a machine
+    with an accelerator, is refused with the argument that does work."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise NotImplementedError(f"device_map={device_map!r} places parts of a model on different devices, "
+                                      f"which diffloom does not do; pass one device, e.g. device_map='cuda'")
+        device_map = device_map[""]
+    accelerator = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else None
+    if device_map in DEVICE_MAP_STRATEGIES:
+        if accelerator is not None:
+            raise NotImplementedError(f"device_map={device_map!r} spreads the weights over several devices, which "
+                                      f"diffloom does not do; pass device_map={accelerator!r} to load them onto "
+                                      f"the {accelerator} device")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", accelerator):
+        # Refused before anything is read: a loaded model would fail only when it is moved.
+        here = f"'cpu' or {accelerator!r}" if accelerator is not None else "only 'cpu' (no accelerator)"
+        raise ValueError(f"device_map={device_map!r} names no device of this machine, which has {here}; pass "
+                         f"one of those devices, or the placement strategy 'balanced'")
+    return device
+
+
 def as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -57,6 +109,12 @@ def as_dtype(dtype) -> torch.dtype | None:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"torch_dtype={dtype!r} is not a torch dtype (try torch.float16 or 'bfloat16')")
     return value
+
+
+def refuse_push_to_hub(push_to_hub: bool):
+    if push_to_hub:
+        raise NotImplementedError("save_pretrained does not upload; save to a folder, then upload it with "
+                                  "huggingface_hub.upload_folder(repo_id=..., folder_path=...)")
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
@@ -86,44 +144,41 @@ def load_pickle(path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return data
 
 
-def save_state_dict(state_dict: dict, directory, name: str, max_shard_size="10GB", metadata=None) -> list[Path]:
-    """Write ``name`` (a .safetensors file name), splitting into shards plus an index past ``max_shard_size``."""
+def save_state_dict(state_dict: dict, directory, name: str, variant: str | None = None, max_shard_size="10GB",
+                    metadata=None) -> list[Path]:
+    """Write ``state_dict`` as ``name`` (a .safetensors file name) of ``variant``; past ``max_shard_size`` it is split
+    into shards plus an index, named and filled exactly as diffusers does (``x.fp16-00001-of-00003.safetensors``,
+    ``x.safetensors.index.fp16.json``), so either library reads the other's folders."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    limit = parse_size(max_shard_size)
     directory = Path(directory)
     # safetensors refuses tensors sharing storage (tied weights); each is written on its own.
     tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
                for k, v in state_dict.items()}
-    shards, current, size = [], {}, 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = t
-        size += nbytes
-    shards.append(current)
-    meta = {"format": "pt", **(metadata or {})}
-    stem, _, ext = name.partition(".")
-    # Old shards of the same name would be picked up by a loader: clear them.
+    file_name = _with_variant(name, variant)
+    stem, _, ext = file_name.rpartition(".")
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=parse_size(max_shard_size),
+                                               filename_pattern=f"{stem}{{suffix}}.{ext}")
+    # Shards or an index left by an earlier save of the other layout would be picked up by a loader: clear them.
     for old in directory.glob(f"{stem}-*-of-*.{ext}"):
-        old.unlink()
-    index_path = directory / f"{name}.index.json"
-    if len(shards) == 1:
+        if old.name not in split.filename_to_tensors:
+            old.unlink()
+    index_path = directory / _with_variant(f"{name}.index.json", variant)
+    if split.is_sharded:
+        (directory / file_name).unlink(missing_ok=True)
+    else:
         index_path.unlink(missing_ok=True)
-        save_file(shards[0], str(directory / name), metadata=meta)
-        return [directory / name]
-    written, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-        save_file(shard, str(directory / shard_name), metadata=meta)
-        weight_map.update({k: shard_name for k in shard})
+    meta = {"format": "pt", **(metadata or {})}
+    written = []
+    for shard_name, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, str(directory / shard_name), metadata=meta)
         written.append(directory / shard_name)
-    (directory / name).unlink(missing_ok=True)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index_path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return written + [index_path]
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(index_path)
+    return written
 
 
 def _shares_storage(t: torch.Tensor, state_dict: dict) -> bool:
@@ -167,16 +222,22 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, *, variant=None,
-                        torch_dtype=None, use_safetensors: bool | None = None, allow_pickle: bool = False,
+                        torch_dtype=None, dtype=None, use_safetensors: bool | None = None, allow_pickle: bool = False,
+                        device_map=None, low_cpu_mem_usage: bool = True, output_loading_info: bool = False,
                         **kwargs):
         """Load a model folder (or Hub repo) in the diffusers layout.
 
         Weights are looked up as ``diffusion_pytorch_model[.variant].safetensors`` or its sharded
         ``.index.json``; a missing variant falls back to the plain file with a warning. Pickle files
         (``.bin``) are used only with ``allow_pickle=True`` and ``use_safetensors`` not True.
+        ``dtype`` is diffusers' newer name for ``torch_dtype``; ``device_map`` names the one device the weights
+        go to (``"cuda"``, ``0``, ``{"": "cuda:1"}``). ``low_cpu_mem_usage`` is accepted for diffusers'
+        callers and always on: the model is built on the meta device. Other keyword arguments override config
+        values.
         """
         hub_kwargs = hub.split_hub_kwargs(kwargs)
-        torch_dtype = as_dtype(torch_dtype)
+        torch_dtype = as_dtype(resolve_dtype_arguments(dtype, torch_dtype))
+        device = device_from_map(device_map)
         config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
         files = _find_weights(pretrained_model_name_or_path, subfolder, cls.weights_name, variant,
                               use_safetensors, allow_pickle, hub_kwargs)
@@ -190,6 +251,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             model.load_weights(state_dict, source=files[0] if len(files) == 1 else files[0].parent,
                                dtype=torch_dtype)
         model.eval()
+        model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+        if device is not None:
+            model.to(device)
+        if output_loading_info:
+            # load_weights raises on any mismatch, so a loaded model never has one to report.
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
     # A single checkpoint file in the original Stable Diffusion layout, read by a plugin.
@@ -231,16 +298,17 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     # -- saving ----------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, variant: str | None = None, max_shard_size="10GB",
-                        safe_serialization: bool = True, **_):
+                        safe_serialization: bool = True, push_to_hub: bool = False, **_):
         if not safe_serialization:
             raise ValueError("diffloom writes safetensors only; drop safe_serialization=False")
+        refuse_push_to_hub(push_to_hub)
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {save_directory} is a file")
         save_directory.mkdir(parents=True, exist_ok=True)
         self.save_config(save_directory)
-        name = _with_variant(f"{self.weights_name}.safetensors", variant)
-        save_state_dict(self.state_dict(), save_directory, name, max_shard_size)
+        save_state_dict(self.state_dict(), save_directory, f"{self.weights_name}.safetensors", variant,
+                        max_shard_size)
 
 
 @contextlib.contextmanager
@@ -313,4 +381,14 @@ def _find_weights(root, subfolder, weights_name, variant, use_safetensors, allow
     hint = ""
     if use_safetensors is not True and not allow_pickle:
         hint = " (pickle .bin files are only read with allow_pickle=True)"
+    variants = _variants_in(Path(where), weights_name) if os.path.isdir(where) else []
+    if variants:
+        hint += f"; the folder holds the variant(s) {', '.join(variants)}: pass variant={variants[0]!r}"
     raise WeightsError(f"no weights in {where}: looked for {looked}{hint}")
+
+
+def _variants_in(folder: Path, weights_name: str) -> list[str]:
+    """The variants whose weight files (single or sharded) lie in ``folder``."""
+    names = [p.name for p in folder.iterdir() if p.name.startswith(weights_name)
+             and p.suffix in (".safetensors", ".bin")]
+    return sorted({variant_of(n) for n in names} - {None})

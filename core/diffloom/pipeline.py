@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ import torch
 from . import hub
 from .configuration import DIFFUSERS_FORMAT_VERSION, ConfigError, ConfigMixin, read_json
 from .loop import CallState, StepState, current_call
-from .modeling import as_dtype
+from .modeling import (DEVICE_MAP_STRATEGIES, as_dtype, device_from_map, refuse_push_to_hub, resolve_dtype_arguments,
+                       variant_of)
 from .outputs import BaseOutput
 from .registry import RegistryError, delegated_classmethod, registry
 
 # Libraries whose class names diffloom serves itself: a folder written by diffusers says "diffusers".
 _OWN_LIBRARIES = ("diffusers", "diffloom")
+# Other libraries a model_index.json entry may make us import. Any other module is used only if already imported:
+# importing runs its code, and a folder naming a module is no reason to run it (diffusers draws the same line).
+_IMPORTABLE_LIBRARIES = ("transformers",)
+# Config entries about the pipeline object itself rather than its components or settings.
+_BOOKKEEPING_KEYS = ("_name_or_path", "_class_name", "_diffusers_version", "_use_default_values")
 # The adapter methods diffusers users call; named here only to explain their absence clearly.
 _ADAPTER_METHODS = ("load_lora_weights", "set_adapters", "fuse_lora", "unfuse_lora", "unload_lora_weights",
                     "delete_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora",
@@ -62,10 +69,12 @@ def resolve_class(library, class_name, where):
     diffusers names its own classes by library "diffusers" or by a pipeline module ("stable_diffusion"): both
     are served by whatever plugin registered that class name."""
     if library not in _OWN_LIBRARIES:
-        try:
-            module = importlib.import_module(library)
-        except ImportError:
-            module = None
+        module = sys.modules.get(library)
+        if module is None and library in _IMPORTABLE_LIBRARIES:
+            try:
+                module = importlib.import_module(library)
+            except ImportError:
+                module = None
         if module is not None:
             cls = getattr(module, class_name, None)
             if cls is None:
@@ -73,7 +82,11 @@ def resolve_class(library, class_name, where):
             return cls
     cls = registry.find_class(class_name)
     if cls is None:
-        raise RegistryError(f"{where}: {registry.unknown_message('model', class_name)}")
+        hint = ""
+        if library not in _OWN_LIBRARIES and library not in sys.modules:
+            hint = (f"; a folder naming the library {library!r} does not make diffloom import it: import it "
+                    f"yourself first if it provides {class_name}, or pass the component as an argument")
+        raise RegistryError(f"{where}: {registry.unknown_message('model', class_name)}{hint}")
     return cls
 
 
@@ -155,6 +168,14 @@ class DiffusionPipeline(ConfigMixin):
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {n: m for n, m in self._components.items() if isinstance(m, torch.nn.Module)}
 
+    def _first_module(self) -> torch.nn.Module | None:
+        """The model whose device and dtype the pipeline reports: the first by component name, as in diffusers
+        (an SD pipeline answers with its text encoder, whatever dtype its VAE was upcast to)."""
+        for _, module in sorted(self._modules().items()):
+            if next(module.parameters(), None) is not None:
+                return module
+        return None
+
     @property
     def device(self) -> torch.device:
         """Where the pipeline computes: its models' device, or the device an offloading plugin set as
@@ -162,27 +183,35 @@ class DiffusionPipeline(ConfigMixin):
         execution_device = self.__dict__.get("_execution_device")
         if execution_device is not None:
             return execution_device
-        for module in self._modules().values():
-            for p in module.parameters():
-                return p.device
-        return torch.device("cpu")
+        module = self._first_module()
+        return next(module.parameters()).device if module is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        for module in self._modules().values():
-            for p in module.parameters():
-                if p.is_floating_point():
-                    return p.dtype
-        return torch.float32
+        module = self._first_module()
+        parameters = module.parameters() if module is not None else ()
+        return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+
+    @property
+    def name_or_path(self) -> str | None:
+        """The folder or Hub id the pipeline was loaded from."""
+        return self.config.get("_name_or_path")
 
     def to(self, *args, **kwargs):
         """``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)``."""
         device = kwargs.pop("device", None)
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        if len(args) > 2:
+            raise ValueError(f"{type(self).__name__}.to takes at most a device and a dtype, got {len(args)} "
+                             f"arguments; e.g. pipe.to('cuda', torch.float16)")
         for arg in args:
             if isinstance(arg, torch.dtype):
+                if dtype is not None:
+                    raise ValueError("the dtype was given twice (as an argument and as dtype=); pass it once")
                 dtype = arg
             else:
+                if device is not None:
+                    raise ValueError("the device was given twice (as an argument and as device=); pass it once")
                 device = arg
         for module in self._modules().values():
             module.to(device=device, dtype=dtype)
@@ -319,9 +348,13 @@ class DiffusionPipeline(ConfigMixin):
         """Load a pipeline folder (or Hub repo) in the diffusers layout.
 
         Keyword arguments named like a component replace it (``vae=my_vae``, ``safety_checker=None``);
-        ``torch_dtype`` is one dtype or a dict per component (``{"unet": torch.float16, "default": ...}``);
-        ``variant``, ``use_safetensors``, ``allow_pickle`` and the Hub arguments (``revision``, ``cache_dir``,
-        ``local_files_only``, ``token``) apply to every component.
+        ``torch_dtype`` (or its newer name ``dtype``) is one dtype or a dict per component
+        (``{"unet": torch.float16, "default": ...}``; components it does not name, without a "default", load in
+        float32 as in diffusers); ``variant`` applies to the components that have files of it (at least one
+        must); ``use_safetensors``, ``allow_pickle`` and the Hub arguments (``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``) apply to every component. ``device_map`` is "cpu", a device such as
+        "cuda" (every component is moved there), or "balanced", which on a machine without an accelerator
+        leaves everything on the CPU. ``low_cpu_mem_usage`` is accepted and always on.
         """
         hub_kwargs = hub.split_hub_kwargs(kwargs)
         custom_pipeline = kwargs.pop("custom_pipeline", None)
@@ -336,9 +369,13 @@ class DiffusionPipeline(ConfigMixin):
                                                  trust_remote_code, source, hub_kwargs)
         required, optional = init_parameters(pipeline_class)
         folder_names = [n for n in required + optional if isinstance(config.get(n), (list, tuple))]
-        patterns = ["*.json", "*.txt", "*.model", "*.py"] + [f"{n}/*" for n in folder_names]
-        root = hub.resolve_folder(source, allow_patterns=patterns, **hub_kwargs)
-        return pipeline_class._build(root, config, index_path, kwargs, allow_pickle, source)
+        listing = hub.list_folder(source, **hub_kwargs)
+        variants = _component_variants(listing, folder_names, kwargs.pop("variant", None), index_path)
+        # Components passed in are not read, so their folders are not fetched.
+        needed = _files_to_fetch(listing, [n for n in folder_names if n not in kwargs], variants,
+                                 kwargs.get("use_safetensors"))
+        root = hub.resolve_folder(source, allow_patterns=needed, **hub_kwargs)
+        return pipeline_class._build(root, config, index_path, kwargs, allow_pickle, source, variants)
 
     # A single checkpoint file in the original Stable Diffusion layout, read by a plugin.
     from_single_file = delegated_classmethod("from_single_file")
@@ -371,12 +408,12 @@ class DiffusionPipeline(ConfigMixin):
         return cls is DiffusionPipeline
 
     @classmethod
-    def _build(cls, root: Path, config: dict, index_path, kwargs: dict, allow_pickle: bool, source: str):
-        torch_dtype = kwargs.pop("torch_dtype", None)
-        variant = kwargs.pop("variant", None)
+    def _build(cls, root: Path, config: dict, index_path, kwargs: dict, allow_pickle: bool, source: str,
+               variants: dict[str, str]):
+        torch_dtype = resolve_dtype_arguments(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         use_safetensors = kwargs.pop("use_safetensors", None)
-        for key in ("low_cpu_mem_usage", "device_map"):
-            kwargs.pop(key, None)
+        device = _pipeline_device(kwargs.pop("device_map", None))
+        kwargs.pop("low_cpu_mem_usage", None)  # always low: every model is built on the meta device
         required, optional = init_parameters(cls)
         components = {}
         for name in required + optional:
@@ -384,35 +421,41 @@ class DiffusionPipeline(ConfigMixin):
                 components[name] = kwargs.pop(name)
                 continue
             entry = config.get(name)
-            if entry is None:
-                if name in required and name not in cls._optional_components:
-                    raise PipelineError(f"{index_path} lists no component {name!r}, which {cls.__name__} "
-                                        f"requires; add it to the folder or pass {name}=... to from_pretrained")
-                continue
-            if not isinstance(entry, (list, tuple)):
+            if entry is not None and not isinstance(entry, (list, tuple)):
                 components[name] = entry  # a plain config value such as requires_safety_checker
                 continue
-            library, class_name = entry
-            if library is None or class_name is None:
-                components[name] = None
+            if entry is None or None in entry:  # absent, or listed as [null, null]
+                if name in required and name not in cls._optional_components:
+                    state = "lists no component" if entry is None else "lists as [null, null] the component"
+                    raise PipelineError(f"{index_path} {state} {name!r}, which {cls.__name__} requires; add it to "
+                                        f"the folder or pass {name}=... to from_pretrained")
+                if entry is not None or name in required:
+                    components[name] = None
                 continue
-            dtype = torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, dict) else torch_dtype
-            components[name] = load_component(root, name, library, class_name, as_dtype(dtype), variant,
-                                               use_safetensors, allow_pickle, index_path)
+            library, class_name = entry
+            components[name] = load_component(root, name, library, class_name, _dtype_for(torch_dtype, name),
+                                               variants.get(name), use_safetensors, allow_pickle, index_path)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {sorted(kwargs)}; "
                             f"its components are {required + optional}")
         pipe = cls(**components)
         pipe.register_to_config(_name_or_path=source)
+        if device is not None:
+            pipe.to(device)
         return pipe
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
         """A ``cls`` pipeline that shares ``pipeline``'s components by reference (no copy, no dtype change
-        unless ``torch_dtype`` is given); keyword arguments replace components or settings."""
-        torch_dtype = kwargs.pop("torch_dtype", None)
+        unless ``torch_dtype``/``dtype`` is given); keyword arguments replace components or settings.
+
+        Config entries of ``pipeline`` that ``cls`` does not take are kept in the new config under ``_name``
+        (as diffusers does), so a later ``from_pipe`` back to a class that takes the setting restores it: the
+        refiner's ``requires_aesthetics_score`` survives a trip through the text-to-image pipeline."""
+        torch_dtype = resolve_dtype_arguments(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         target = cls._from_pipe_class(pipeline)
         required, optional = init_parameters(target)
+        source = {k: v for k, v in pipeline.config.items() if k not in _BOOKKEEPING_KEYS}
         available = {**pipeline.components, **pipeline._components}
         components = {}
         for name in required + optional:
@@ -420,6 +463,8 @@ class DiffusionPipeline(ConfigMixin):
                 components[name] = kwargs.pop(name)
             elif name in available:
                 components[name] = available[name]
+            elif f"_{name}" in source and name in optional and name not in target._optional_components:
+                components[name] = source[f"_{name}"]  # a setting an earlier from_pipe put aside
             elif name in required and name not in target._optional_components:
                 raise PipelineError(f"{target.__name__} needs a {name!r} component, which "
                                     f"{type(pipeline).__name__} lacks; pass {name}=... to from_pipe")
@@ -428,6 +473,9 @@ class DiffusionPipeline(ConfigMixin):
         pipe = target(**components)
         if "_name_or_path" in pipeline.config:
             pipe.register_to_config(_name_or_path=pipeline.config["_name_or_path"])
+        put_aside = {(key if key.startswith("_") else f"_{key}"): value for key, value in source.items()
+                     if key.removeprefix("_") not in components}
+        pipe.register_to_config(**put_aside)
         pipe.hooks = list(pipeline.hooks)
         # Adapters live on the shared modules, so their bookkeeping is shared too.
         pipe.__dict__["_adapters"] = pipeline.__dict__.setdefault("_adapters", {})
@@ -443,7 +491,8 @@ class DiffusionPipeline(ConfigMixin):
     # -- saving ------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, variant: str | None = None, max_shard_size="10GB",
-                        safe_serialization: bool = True, **_):
+                        safe_serialization: bool = True, push_to_hub: bool = False, **_):
+        refuse_push_to_hub(push_to_hub)
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {save_directory} is a file")
@@ -468,6 +517,67 @@ class DiffusionPipeline(ConfigMixin):
             else:
                 raise PipelineError(f"component {name!r} ({type(component).__name__}) cannot be saved: it has "
                                     f"no save_pretrained")
+
+
+def _dtype_for(torch_dtype, name: str) -> torch.dtype | None:
+    """Component ``name``'s dtype from a ``torch_dtype`` that is one dtype or a dict per component."""
+    if isinstance(torch_dtype, dict):
+        # diffusers loads what the dict does not name, when it has no "default", in float32.
+        return as_dtype(torch_dtype.get(name, torch_dtype.get("default", torch.float32)))
+    return as_dtype(torch_dtype)
+
+
+# Weight files, as opposed to the configs, tokenizer files and shard indexes that lie beside them.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+
+
+def _component_weights(listing: list[str], name: str) -> list[str]:
+    return [f for f in listing if f.startswith(f"{name}/") and f.endswith(_WEIGHT_SUFFIXES)]
+
+
+def _component_variants(listing: list[str], names, variant, index_path) -> dict[str, str]:
+    """The components whose folders hold weights of ``variant``: only they are loaded as that variant, the others
+    as they are, as diffusers does; a variant no component has is an error."""
+    if variant is None:
+        return {}
+    found = {name: variant for name in names
+             if any(variant_of(f) == variant for f in _component_weights(listing, name))}
+    if not found:
+        raise PipelineError(f"no component folder next to {index_path} holds {variant!r} weights (such as "
+                            f"diffusion_pytorch_model.{variant}.safetensors); drop variant={variant!r} or pass a "
+                            f"variant the folder has")
+    return found
+
+
+def _files_to_fetch(listing: list[str], names, variants: dict[str, str], use_safetensors) -> list[str]:
+    """The files of a pipeline repo that loading it reads: the top-level files that are not weights, and in each
+    component folder to load, its other files plus the weights of one variant (its own, or none) in one format
+    (safetensors where it has them, unless ``use_safetensors`` is False). A Hub repo often holds the same
+    weights four times over (fp32 and fp16, safetensors and pickle): only one copy is downloaded."""
+    needed = [f for f in listing if "/" not in f and not f.endswith(_WEIGHT_SUFFIXES)]
+    for name in names:
+        weights = [f for f in _component_weights(listing, name) if variant_of(f) == variants.get(name)]
+        safetensors = [f for f in weights if f.endswith(".safetensors")]
+        if use_safetensors is False:
+            weights = [f for f in weights if f not in safetensors]
+        elif safetensors:
+            weights = safetensors
+        needed += [f for f in listing if f.startswith(f"{name}/") and not f.endswith(_WEIGHT_SUFFIXES)] + weights
+    return needed
+
+
+def _pipeline_device(device_map) -> torch.device | None:
+    """The device a pipeline's ``device_map`` names; diffusers' pipelines take "balanced", "cpu" or a device."""
+    if device_map is None:
+        return None
+    if not isinstance(device_map, str):
+        raise ValueError(f"device_map={device_map!r}: a pipeline's device_map is a string ('balanced', 'cpu' or a "
+                         f"device such as 'cuda'); to place one component apart, load it with its own device_map "
+                         f"and pass it as an argument")
+    if device_map in DEVICE_MAP_STRATEGIES and device_map != "balanced":
+        raise NotImplementedError(f"device_map={device_map!r} is not a pipeline placement; use 'balanced', 'cpu' "
+                                  f"or a device such as 'cuda'")
+    return device_from_map(device_map)
 
 
 def _accepts(fn, name) -> bool:

@@ -37,8 +37,10 @@ def pipeline_for_task(class_name: str, task: str, variant=_UNCHANGED) -> type:
         if meta.get("family") == family and meta.get("task") == task and meta.get("variant") == variant:
             return candidate.load()
     flavour = f" ({variant})" if variant else ""
+    # The variant comes from an argument of the same name (controlnet=...): None asks for the plain pipeline.
+    hint = f"; pass {variant}=None for the plain {task} pipeline" if variant else ""
     raise ValueError(f"no installed pipeline does {task} for the {family!r} family{flavour}, which {class_name} "
-                     f"belongs to")
+                     f"belongs to{hint}")
 
 
 def _variant_from(kwargs: dict):
