@@ -14,6 +14,12 @@ SCHEDULERS = {
     "UniPCMultistepScheduler": "unipc_multistep",
     "DEISMultistepScheduler": "deis_multistep",
     "LCMScheduler": "lcm",
+    "KDPM2DiscreteScheduler": "k_dpm_2",
+    "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral",
+    "DPMSolverSinglestepScheduler": "dpmsolver_singlestep",
+    "TCDScheduler": "tcd",
+    "EDMEulerScheduler": "edm_euler",
+    "DDIMInverseScheduler": "ddim_inverse",
 }
 
 
