@@ -21,6 +21,8 @@ from . import schedule
 
 class DDIMInverseScheduler(SchedulerMixin):
     order = 1
+    # It walks the schedule from image to noise: front ends that offer samplers leave it out.
+    inverts = True
 
     @register_to_config
     def __init__(

@@ -122,7 +122,9 @@ class Engine:
         self.outputs = Path(outputs)
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.model_name = model_name
-        self.schedulers = registry.names("scheduler")
+        # Samplers only: an inverting scheduler (DDIM inversion) turns images into noise.
+        self.schedulers = [name for name in registry.names("scheduler")
+                           if not getattr(registry.get("scheduler", name), "inverts", False)]
         self._scheduler_config = pipe.scheduler.config
         self._scheduler_objects = {type(pipe.scheduler).__name__: pipe.scheduler}
         self.size_factor = getattr(pipe, "vae_scale_factor", 8)
