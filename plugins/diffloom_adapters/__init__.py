@@ -4,7 +4,8 @@ classes and the pipeline methods each provides; the adapter modules are imported
 from diffloom import hookimpl
 
 LORA_METHODS = ["load_lora_weights", "set_adapters", "fuse_lora", "unfuse_lora", "unload_lora_weights",
-                "delete_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora"]
+                "delete_adapters", "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora",
+                "save_lora_weights"]
 TEXTUAL_INVERSION_METHODS = ["load_textual_inversion", "unload_textual_inversion"]
 IP_ADAPTER_METHODS = ["load_ip_adapter", "set_ip_adapter_scale", "unload_ip_adapter"]
 

@@ -10,6 +10,9 @@ File layouts read: diffusers' ``{token: tensor}``, A1111's ``{"string_to_param":
 (pickled) and ``{"emb_params": tensor}`` (safetensors, the token being the file name unless ``token=`` is
 given), and a bare tensor (``token=`` required). Pickle files follow the core rule: refused unless
 ``allow_pickle=True``, then read with ``torch.load(weights_only=True)``.
+
+Where diffloom departs from diffusers on purpose: an A1111 ``emb_params`` file is named after its file (diffusers
+names its word ``emb_params``), and unloading a multi-vector token also removes its ``tok_1`` ... companions.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from torch import nn
 from .files import read_weights
 
 _DEFAULT_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+_HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "force_download", "proxies")
 
 
 class TextualInversionAdapter:
@@ -35,33 +40,54 @@ class TextualInversionAdapter:
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                weight_name: str | None = None, subfolder: str | None = None, allow_pickle=False,
-                               **hub_kwargs):
-        """Load one embedding or a list of them (``token`` then a matching list, or None)."""
+                               use_safetensors: bool | None = None, **kwargs):
+        """Load one embedding or a list of them (``token`` then a matching list, or None). Hub options are
+        diffusers' (``revision``, ``cache_dir``, ``hf_token`` for the Hub token, as ``token`` names the word)."""
         tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
         text_encoder = text_encoder if text_encoder is not None else getattr(self.pipe, "text_encoder", None)
         if tokenizer is None or text_encoder is None:
             raise ValueError("load_textual_inversion needs a tokenizer and a text encoder; this pipeline has none, "
                              "pass tokenizer= and text_encoder=")
+        hub_kwargs = {k: kwargs.pop(k) for k in _HUB_OPTIONS if k in kwargs}
+        if "hf_token" in kwargs:
+            hub_kwargs["token"] = kwargs.pop("hf_token")
+        if kwargs:
+            warnings.warn(f"load_textual_inversion ignores {', '.join(sorted(kwargs))} (diffusers ignores them too)",
+                          stacklevel=2)
         sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
             else [pretrained_model_name_or_path]
-        tokens = token if isinstance(token, list) else [token] * len(sources)
-        if len(sources) == 1 and len(tokens) > 1 and torch.is_tensor(sources[0]) and sources[0].ndim == 2:
-            # One tensor of n vectors for n tokens (SDXL pivotal-tuning files: "<s0>", "<s1>"): a vector each.
-            sources = list(sources[0])
+        tokens = token if isinstance(token, list) else [token]
+        if len(sources) > 1 and tokens == [None]:
+            tokens = tokens * len(sources)
+        named = [t for t in tokens if t is not None]
+        if len(set(named)) < len(named):
+            raise ValueError(f"token= lists the same word twice ({tokens}); give each embedding its own token")
+        if len(sources) == 1 and len(tokens) > 1 and torch.is_tensor(sources[0]):
+            if sources[0].ndim == 2:
+                # One tensor of n vectors for n tokens (SDXL pivotal-tuning files: "<s0>", "<s1>"): a vector each.
+                sources = list(sources[0])
+        elif len(sources) == 1 and len(tokens) > 1:
+            warnings.warn(f"one embedding file but {len(tokens)} tokens: it is loaded as {tokens[0]!r} and "
+                          f"{tokens[1:]} are unused (as in diffusers)", stacklevel=2)
+            tokens = tokens[:1]
         if len(tokens) != len(sources):
             raise ValueError(f"got {len(sources)} embeddings but {len(tokens)} tokens; pass one token per embedding")
 
         vocab = tokenizer.get_vocab()
+        width = text_encoder.get_input_embeddings().embedding_dim
         new_tokens, new_vectors = [], []
         for source, name in zip(sources, tokens):
-            name, vectors = self._read(source, name, weight_name, subfolder, allow_pickle, hub_kwargs)
-            width = text_encoder.get_input_embeddings().embedding_dim
+            name, vectors = self._read(source, name, weight_name, subfolder, allow_pickle, use_safetensors,
+                                       hub_kwargs)
             if vectors.shape[-1] != width:
                 raise ValueError(f"the embedding for {name!r} has vectors of size {vectors.shape[-1]}, but the text "
                                  f"encoder's embeddings have size {width}: it was trained for another text encoder")
-            vectors = vectors.reshape(-1, width)
+            if vectors.ndim > 2 and any(n != 1 for n in vectors.shape[1:-1]):
+                raise ValueError(f"the embedding for {name!r} has shape {tuple(vectors.shape)}; an embedding is one "
+                                 f"vector ({width},) or a stack of them (n, {width})")
+            vectors = vectors.reshape(-1 if vectors.ndim > 1 else 1, width)
             names = [name] + [f"{name}_{i}" for i in range(1, vectors.shape[0])]
-            taken = [n for n in names if n in vocab or n in new_tokens]
+            taken = [n for n in names if n in vocab]
             if taken:
                 raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary; pass token= to load "
                                  f"the embedding under another name, or unload_textual_inversion({taken[0]!r})")
@@ -76,18 +102,23 @@ class TextualInversionAdapter:
             embedding.weight[ids] = torch.cat(new_vectors).to(embedding.weight.device, embedding.weight.dtype)
 
     @staticmethod
-    def _read(source, token, weight_name, subfolder, allow_pickle, hub_kwargs) -> tuple[str, torch.Tensor]:
+    def _read(source, token, weight_name, subfolder, allow_pickle, use_safetensors, hub_kwargs):
+        """``(token, vectors)`` of one embedding source."""
         if torch.is_tensor(source):
             data = source
         else:
             data = read_weights(source, weight_name, _DEFAULT_FILES, subfolder=subfolder, allow_pickle=allow_pickle,
-                                what="textual inversion", **hub_kwargs)
+                                use_safetensors=use_safetensors, what="textual inversion", **hub_kwargs)
+        where = "the state dict" if isinstance(source, dict) else source
         if torch.is_tensor(data):
             if token is None:
                 raise ValueError("this embedding is a bare tensor, which names no token; pass token=")
-            return token, data
+            return token, data.detach()
         if "string_to_param" in data:  # A1111, pickled
-            loaded, vectors = data.get("name"), data["string_to_param"]["*"]
+            if "name" not in data:
+                raise ValueError(f"{where} is an A1111 embedding without its 'name' entry, which diffusers needs "
+                                 f"(even with token=); add data['name'] = '<your-token>' to it")
+            loaded, vectors = data["name"], data["string_to_param"]["*"]
         elif set(data) == {"emb_params"}:  # A1111, safetensors: the file's name is the word
             loaded = Path(os.fspath(source)).stem if isinstance(source, (str, os.PathLike)) else None
             vectors = data["emb_params"]
@@ -98,9 +129,8 @@ class TextualInversionAdapter:
                     "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer and its 'clip_g' tensor with "
                     "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2") \
                 if {"clip_l", "clip_g"} <= set(data) else ""
-            raise ValueError(f"{source if not isinstance(source, dict) else 'the state dict'} is no textual "
-                             f"inversion embedding: expected one {{token: tensor}} entry, 'string_to_param' or "
-                             f"'emb_params', found keys {sorted(data)[:6]}{hint}")
+            raise ValueError(f"{where} is no textual inversion embedding: expected one {{token: tensor}} entry, "
+                             f"'string_to_param' or 'emb_params', found keys {sorted(data)[:6]}{hint}")
         token = token or loaded
         if token is None:
             raise ValueError("the embedding names no token; pass token=")
@@ -134,9 +164,8 @@ class TextualInversionAdapter:
             remove = sorted(added)
         else:
             asked = [tokens] if isinstance(tokens, str) else list(tokens)
-            unknown = [t for t in asked if t not in added]
-            if unknown:
-                raise ValueError(f"tokens {unknown} were not loaded by load_textual_inversion; loaded: "
+            if not any(t in added for t in asked):  # as in diffusers, only a request that removes nothing fails
+                raise ValueError(f"tokens {asked} were not loaded by load_textual_inversion; loaded: "
                                  f"{sorted(added)}")
             # A multi-vector token goes with its _1, _2 ... companions.
             companions = re.compile("|".join(re.escape(a) + r"_\d+" for a in asked))
