@@ -142,7 +142,7 @@ class SmallConvNet(torch.nn.Module):
 
 
 def test_background_compiler_compiles_the_first_calls_inputs_off_the_calling_thread():
-    from diffloom_speed.background_compile import BackgroundCompiler
+    from diffloom_speed.background_compile import MAX_SIGNATURES, BackgroundCompiler
 
     torch.manual_seed(0)
     model = SmallConvNet()
@@ -171,6 +171,11 @@ def test_background_compiler_compiles_the_first_calls_inputs_off_the_calling_thr
     assert backend.compilations == 2
     compiler.start()
     assert compiler.generation == 2 and not compiler.busy, "compiled inputs are not compiled again"
+    # Past Dynamo's recompile limit, new kinds of input are not kept (a float argument per step would be many).
+    later = model._compiled_call_impl
+    for size in range(7, 20):
+        model(torch.randn(1, 4, size, size))
+    assert len(later.ready) + len(later.pending) == MAX_SIGNATURES
     compiler.detach()
     assert model._compiled_call_impl is None
 

@@ -26,6 +26,11 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from diffloom import hookimpl
 
 
+# Dynamo compiles one function for at most 8 kinds of input (its recompile limit) and runs the rest eagerly:
+# inputs of further kinds are not kept either.
+MAX_SIGNATURES = 8
+
+
 def _same_layout_copy(value):
     """A copy of ``value``'s tensors with their exact strides: the compiled code guards on them."""
     if not isinstance(value, torch.Tensor):
@@ -61,7 +66,8 @@ class _CompiledLater:
         if signature in self.ready:
             return self.compiled(*args, **kwargs)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if signature not in self.pending and not capturing:
+        room = len(self.ready) + len(self.pending) < MAX_SIGNATURES
+        if signature not in self.pending and room and not capturing:
             example = tree_map(_same_layout_copy, (args, kwargs))
             with self._lock:
                 self.pending.setdefault(signature, example)
