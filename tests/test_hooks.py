@@ -188,8 +188,6 @@ def test_callback_mistakes_name_the_callback_and_step(pipe):
     def returns_none(p, i, t, kwargs):
         return None
 
-    def drops(p, i, t, kwargs):
-        return {}
 
     def raises(p, i, t, kwargs):
         if i == 1:
@@ -198,10 +196,24 @@ def test_callback_mistakes_name_the_callback_and_step(pipe):
 
     with pytest.raises(CallbackError, match="returns_none returned NoneType at step 0"):
         pipe(callback_on_step_end=returns_none)
-    with pytest.raises(CallbackError, match=r"drops dropped \['latents'\] at step 0"):
-        pipe(callback_on_step_end=drops)
     with pytest.raises(CallbackError, match="raises raised at step 1: KeyError"):
         pipe(callback_on_step_end=raises)
+
+
+def test_tensors_a_callback_leaves_out_keep_their_values(pipe):
+    # As in diffusers: a callback may return only what it changed.
+    def returns_nothing(p, i, t, kwargs):
+        return {}
+
+    def returns_cond_only(p, i, t, kwargs):
+        return {"cond": kwargs["cond"] + 1}
+
+    plain = pipe(steps=2)
+    kept = pipe(steps=2, callback_on_step_end=returns_nothing, callback_on_step_end_tensor_inputs=["latents", "cond"])
+    assert torch.equal(plain, kept)
+    shifted = pipe(steps=2, callback_on_step_end=returns_cond_only,
+                   callback_on_step_end_tensor_inputs=["latents", "cond"])
+    assert not torch.equal(plain, shifted), "a returned tensor is used"
 
 
 def test_callback_edits_latents_and_tensors(pipe):

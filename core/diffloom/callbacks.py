@@ -2,18 +2,20 @@
 
 A callback is called after each step as ``callback(pipe, step_index, timestep, callback_kwargs)`` and returns
 ``callback_kwargs``; the tensors it returns replace the pipeline's for the next step. ``tensor_inputs`` names
-the tensors it needs (checked against the pipeline's ``_callback_tensor_inputs``).
+the tensors it needs (checked against the pipeline's ``_callback_tensor_inputs``). The upscalers'
+older ``callback=``/``callback_steps=`` arguments are delivered by :class:`StepCallback`.
 """
 
 from __future__ import annotations
 
 from .configuration import ConfigMixin, register_to_config
+from .hookspecs import hookimpl
 
 
 class PipelineCallback(ConfigMixin):
     """A callback that acts once, at a cutoff step given as a ratio of the steps or as an index."""
 
-    config_name = "callback_config.json"
+    config_name = "config.json"  # what diffusers writes and reads for a callback
     tensor_inputs: list[str] = []
 
     @register_to_config
@@ -93,3 +95,34 @@ class IPAdapterScaleCutoffCallback(PipelineCallback):
         if step_index == self.cutoff_step(pipeline):
             pipeline.set_ip_adapter_scale(0.0)
         return callback_kwargs
+
+
+class StepCallback:
+    """The older diffusers protocol: ``callback(step, timestep, latents)`` every ``callback_steps`` steps.
+
+    diffusers calls it where its progress bar advances (solver steps, not model calls), on the latents after
+    ``callback_on_step_end``; its return value is ignored. The pipeline keeps its ``num_warmup_steps`` in the
+    call's settings, since the bar only starts counting after the warm-up steps.
+    """
+
+    def __init__(self, callback, callback_steps: int):
+        self.callback = callback
+        self.callback_steps = callback_steps
+
+    @hookimpl(wrapper=True)
+    def on_step_end(self, pipe, call, step):
+        results = yield  # every other step-end hook, callback_on_step_end included, runs first
+        order = getattr(pipe.scheduler, "order", 1)
+        i = step.index
+        ticks = i == call.num_timesteps - 1 or (
+            i + 1 > call.settings.get("num_warmup_steps", 0) and (i + 1) % order == 0)
+        if ticks and i % self.callback_steps == 0:
+            self.callback(i // order, step.timestep, step.latents)
+        return results
+
+
+def step_callback_hooks(callback, callback_steps) -> list:
+    """The hook list that delivers an upscaler's ``callback=``/``callback_steps=`` arguments."""
+    if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps <= 0:
+        raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+    return [] if callback is None else [StepCallback(callback, callback_steps)]

@@ -164,9 +164,7 @@ class DiffusersCallback:
         if not isinstance(result, dict):
             raise CallbackError(f"callback_on_step_end {self.name} returned {type(result).__name__} at step "
                                 f"{step.index}; it must return the callback_kwargs dict")
-        dropped = [name for name in self.tensor_inputs if name not in result]
-        if dropped:
-            raise CallbackError(f"callback_on_step_end {self.name} dropped {dropped} at step {step.index}; "
-                                f"return every tensor it was given (changed or not)")
+        # A tensor the callback leaves out keeps its value, as in diffusers (callbacks often return only what
+        # they changed).
         call.tensors.update(result)
         step.latents = call.tensors["latents"]

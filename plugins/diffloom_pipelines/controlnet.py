@@ -331,6 +331,14 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                          down_block_additional_residuals=down, mid_block_additional_residual=mid,
                          return_dict=False)[0]
 
+    def guide(self, call: CallState, step: StepState):
+        # As in diffusers' SDXL ControlNet pipeline, a callback setting ``pipe._guidance_scale`` only turns
+        # guidance on or off; the strength stays the guidance_scale the call was given.
+        if not self.do_classifier_free_guidance:
+            return step.model_output
+        uncond, text = step.model_output.chunk(2)
+        return uncond + call.given_guidance_scale * (text - uncond)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None, image=None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -366,7 +374,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, denoising_end=denoising_end,
                              cross_attention_kwargs=cross_attention_kwargs, guess_mode=guess_mode,
-                             control_scales=scales) as call:
+                             control_scales=scales, given_guidance_scale=guidance_scale) as call:
             call.hook.on_call_start(pipe=self, call=call)
             embeds = self.encode_prompt(prompt, prompt_2, self.device, num_images_per_prompt,
                                         self.do_classifier_free_guidance, negative_prompt, negative_prompt_2,

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from diffloom.callbacks import step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.loop import CallState, StepState
 from diffloom.pipeline import DiffusionPipeline, ImagePipelineOutput
@@ -100,7 +101,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                 return_dict: bool = True, callback=None, callback_steps: int = 1,
+                 cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, output_type)
@@ -115,6 +117,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
         check_generators(generator, batch)
         device = self.device
 
+        hooks = [*hooks, *step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:
@@ -145,6 +148,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
                                  f"image")
             self.configure_steps(call, generator, eta, batch, latents.dtype)
             num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+            call.settings["num_warmup_steps"] = num_warmup_steps
             latents = self.denoise(call, latents, timesteps, num_warmup_steps)
 
             nsfw = None
@@ -237,7 +241,7 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionPipelineBase):
                  negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback_on_step_end=None,
+                 return_dict: bool = True, callback=None, callback_steps: int = 1, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, 1, output_type)
         if prompt_embeds is not None and pooled_prompt_embeds is None:
@@ -254,6 +258,7 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionPipelineBase):
         if guidance_scale == 0:
             prompt = [""] * batch
 
+        hooks = [*hooks, *step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, cfg=cfg) as call:
             call.hook.on_call_start(pipe=self, call=call)
