@@ -286,3 +286,22 @@ def test_a_name_the_pipeline_does_not_provide(pipes, name):
         with pytest.raises(ValueError, match="not_a_tensor"):
             run(pipe, name, num_inference_steps=1, callback_on_step_end=lambda p, i, t, k: k,
                 callback_on_step_end_tensor_inputs=["latents", "not_a_tensor"])
+
+
+def _deprecated_style(pipe, name, **kwargs):
+    calls = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = run(pipe, name, callback=lambda i, t, latents: calls.append((i, float(t), latents.clone())),
+                     **kwargs)
+    return images, calls, any(w.category is FutureWarning and "callback" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_deprecated_step_callback(pipes, name):
+    """diffusers still takes callback=/callback_steps= here, warning that they are going away: so does diffloom."""
+    ours, ref = pipes(name)
+    (x, a, warned_a), (y, b, warned_b) = (_deprecated_style(p, name, callback_steps=2) for p in (ours, ref))
+    assert warned_a and warned_b and max_diff(x, y) <= TOL
+    assert [(i, t) for i, t, _ in a] == [(i, t) for i, t, _ in b] and a
+    assert all(max_diff(la, lb) <= TOL for (_, _, la), (_, _, lb) in zip(a, b))

@@ -2,11 +2,13 @@
 
 A callback is called after each step as ``callback(pipe, step_index, timestep, callback_kwargs)`` and returns
 ``callback_kwargs``; the tensors it returns replace the pipeline's for the next step. ``tensor_inputs`` names
-the tensors it needs (checked against the pipeline's ``_callback_tensor_inputs``). The upscalers'
-older ``callback=``/``callback_steps=`` arguments are delivered by :class:`StepCallback`.
+the tensors it needs (checked against the pipeline's ``_callback_tensor_inputs``). The older
+``callback=``/``callback_steps=`` arguments are delivered by :class:`StepCallback`.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from .configuration import ConfigMixin, register_to_config
 from .hookspecs import hookimpl
@@ -126,3 +128,13 @@ def step_callback_hooks(callback, callback_steps) -> list:
     if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps <= 0:
         raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
     return [] if callback is None else [StepCallback(callback, callback_steps)]
+
+
+def deprecated_step_callback_hooks(callback, callback_steps) -> list:
+    """``callback=``/``callback_steps=`` on the pipelines where diffusers still takes them but warns that they are
+    going away (Stable Diffusion, SDXL, ControlNet, depth-to-image)."""
+    if callback is None and callback_steps is None:
+        return []
+    warnings.warn("callback and callback_steps are deprecated, as in diffusers: pass callback_on_step_end "
+                  "instead", FutureWarning, stacklevel=3)
+    return step_callback_hooks(callback, 1 if callback_steps is None else callback_steps)

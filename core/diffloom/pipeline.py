@@ -280,6 +280,7 @@ class DiffusionPipeline(ConfigMixin):
         """
         hook = call.hook
         call.num_timesteps = len(timesteps)
+        call.settings["num_warmup_steps"] = num_warmup_steps
         call.tensors["latents"] = latents
         order = getattr(self.scheduler, "order", 1)
         n = len(timesteps)

@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.loop import CallState, StepState
 
@@ -270,7 +271,8 @@ class StableDiffusionControlNetPipeline(ControlNetMixin, StableDiffusionPipeline
                  controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
                  control_guidance_start: float | list[float] = 0.0,
                  control_guidance_end: float | list[float] = 1.0, clip_skip: int | None = None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(),
+                 callback=None, callback_steps: int | None = None):
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, output_type)
         prompt_batch = self.batch_size_of(prompt, prompt_embeds)
@@ -279,6 +281,7 @@ class StableDiffusionControlNetPipeline(ControlNetMixin, StableDiffusionPipeline
         guess_mode = self.guess_mode_for(guess_mode)
         batch = prompt_batch * num_images_per_prompt
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs,
@@ -360,7 +363,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
                  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                  negative_target_size: tuple[int, int] | None = None, clip_skip: int | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
-                 hooks=()):
+                 hooks=(), callback=None,
+                 callback_steps: int | None = None):
         self.check_sdxl_prompt_inputs(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
                                       negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                                       num_images_per_prompt, output_type)
@@ -370,6 +374,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetMixin, StableDiffusionXLPipe
         guess_mode = self.guess_mode_for(guess_mode)
         batch = prompt_batch * num_images_per_prompt
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, denoising_end=denoising_end,

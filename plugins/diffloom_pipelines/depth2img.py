@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.loop import CallState, StepState
 from diffloom.pipeline import DiffusionPipeline, ImagePipelineOutput
@@ -83,7 +84,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(), callback=None,
+                 callback_steps: int | None = None):
         self.check_strength(strength)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, output_type)
@@ -93,6 +95,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         batch = batch_size * num_images_per_prompt
         device = self.device
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:

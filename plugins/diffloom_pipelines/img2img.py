@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.randomness import randn_tensor
 
 from .stable_diffusion import (StableDiffusionPipelineBase, check_generators, retrieve_latents,
@@ -77,7 +78,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
                  ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(), callback=None,
+                 callback_steps: int | None = None):
         self.check_strength(strength)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, output_type)
@@ -86,6 +88,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipelineBase):
         batch_size = self.batch_size_of(prompt, prompt_embeds)
         batch = batch_size * num_images_per_prompt
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:

@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.loop import CallState, StepState
 from diffloom.randomness import randn_tensor
@@ -157,7 +158,8 @@ class StableDiffusionInpaintPipeline(MaskedDenoising, StableDiffusionPipelineBas
                  negative_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
                  ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(),
+                 callback=None, callback_steps: int | None = None):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
         self.check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop)
@@ -166,6 +168,7 @@ class StableDiffusionInpaintPipeline(MaskedDenoising, StableDiffusionPipelineBas
         batch = self.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         device = self.device
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs) as call:

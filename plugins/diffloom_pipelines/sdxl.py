@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.loop import CallState, StepState
 from diffloom.outputs import BaseOutput
@@ -351,7 +352,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLPipelineBase):
                  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                  negative_target_size: tuple[int, int] | None = None, clip_skip: int | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] | None = None,
-                 hooks=()):
+                 hooks=(), callback=None,
+                 callback_steps: int | None = None):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
         self.check_sdxl_prompt_inputs(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -361,6 +363,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLPipelineBase):
         target_size = target_size or (height, width)
         batch = self.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              guidance_rescale=guidance_rescale, clip_skip=clip_skip, denoising_end=denoising_end,
@@ -475,7 +478,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipelineBase):
                  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                  negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, clip_skip: int | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(), callback=None,
+                 callback_steps: int | None = None):
         self.check_strength(strength)
         check_denoising_range(denoising_start, denoising_end)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -490,6 +494,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipelineBase):
         batch = batch_size * num_images_per_prompt
         device = self.device
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              guidance_rescale=guidance_rescale, clip_skip=clip_skip, denoising_end=denoising_end,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import VaeImageProcessor
 from diffloom.randomness import randn_tensor
 
@@ -106,7 +107,8 @@ class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2Img
                  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                  negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, clip_skip: int | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(), callback=None,
+                 callback_steps: int | None = None):
         height, width = self.default_height_width(height, width)
         self.check_size(height, width)
         # The SD v1 inpainting checks (strength, image and mask given, padding_mask_crop's needs, UNet channels).
@@ -119,6 +121,7 @@ class StableDiffusionXLInpaintPipeline(MaskedDenoising, StableDiffusionXLImg2Img
         batch = self.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         device = self.device
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              guidance_rescale=guidance_rescale, clip_skip=clip_skip, denoising_end=denoising_end,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from diffloom.callbacks import deprecated_step_callback_hooks
 from diffloom.images import OUTPUT_TYPES, VaeImageProcessor
 from diffloom.loop import CallState, StepState
 from diffloom.outputs import BaseOutput
@@ -469,7 +470,8 @@ class StableDiffusionPipeline(StableDiffusionPipelineBase):
                  ip_adapter_image_embeds: list[torch.Tensor] | None = None, output_type: str = "pil",
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=()):
+                 callback_on_step_end_tensor_inputs: list[str] | None = None, hooks=(), callback=None,
+                 callback_steps: int | None = None):
         # Text-to-image takes the UNet's default size unless both sides are given (diffusers does the same;
         # inpainting and SDXL default each side on its own).
         if not height or not width:
@@ -480,6 +482,7 @@ class StableDiffusionPipeline(StableDiffusionPipelineBase):
                                  num_images_per_prompt, output_type)
         batch = self.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
 
+        hooks = [*hooks, *deprecated_step_callback_hooks(callback, callback_steps)]
         with self.start_call(guidance_scale=guidance_scale, hooks=hooks, callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                              guidance_rescale=guidance_rescale, clip_skip=clip_skip,

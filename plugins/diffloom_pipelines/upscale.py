@@ -148,7 +148,6 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipelineBase):
                                  f"image")
             self.configure_steps(call, generator, eta, batch, latents.dtype)
             num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-            call.settings["num_warmup_steps"] = num_warmup_steps
             latents = self.denoise(call, latents, timesteps, num_warmup_steps)
 
             nsfw = None
