@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from diffloom.configuration import register_to_config
-from diffloom.randomness import randn_tensor
 from diffloom.scheduling import SchedulerMixin, SchedulerOutput
 
 from . import schedule
@@ -151,13 +150,8 @@ class EulerDiscreteScheduler(SchedulerMixin, schedule.SigmaLadderMixin):
         sample = sample.to(torch.float32)  # integrate in full precision
         sigma = self.sigmas[self._step_index]
 
-        # churn: raise the noise level by a factor (1 + gamma) inside [s_tmin, s_tmax]
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = schedule.churn(sample, model_output, sigma, len(self.sigmas), s_churn, s_tmin, s_tmax,
+                                           s_noise, generator)
 
         # epsilon is read at the raised noise level; a v-prediction model answered for the scheduled one
         prediction_type = self.config.prediction_type

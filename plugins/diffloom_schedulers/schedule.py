@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from diffloom.randomness import randn_tensor
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # The schedulers that can take each other's configs (diffusers' KarrasDiffusionSchedulers, in its order).
 KARRAS_COMPATIBLES = (
@@ -682,3 +684,15 @@ class VPMultistepMixin(StepIndexMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+
+def churn(sample, model_output, sigma, num_sigmas: int, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float, generator):
+    """Karras et al.'s stochastic churn: inside [s_tmin, s_tmax], raise the noise level by a factor (1 + gamma)
+    with fresh noise before the Euler step. Returns the sample and the raised sigma."""
+    gamma = min(s_churn / (num_sigmas - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+        sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
