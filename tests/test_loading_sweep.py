@@ -239,8 +239,8 @@ def test_auto_pipelines_with_controlnet(tmp_path):
     assert without.config["_controlnet"] == ["diffusers", "ControlNetModel"]
     back = AutoPipelineForText2Image.from_pipe(without, controlnet=ours.controlnet)
     assert type(back).__name__ == "StableDiffusionControlNetPipeline" and back.controlnet is ours.controlnet
-    with pytest.raises(ValueError, match="image2image .*pass controlnet=None for the plain image2image pipeline"):
-        AutoPipelineForImage2Image.from_pipe(ours)
+    i2i, ref_i2i = AutoPipelineForImage2Image.from_pipe(ours), diffusers.AutoPipelineForImage2Image.from_pipe(theirs)
+    assert type(i2i).__name__ == type(ref_i2i).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
     with pytest.raises(ValueError, match="DDPMPipeline.*family"):
         AutoPipelineForText2Image.from_pipe(diffloom.DDPMPipeline(unet=ours.unet, scheduler=ours.scheduler))
 
