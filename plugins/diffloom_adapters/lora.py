@@ -233,8 +233,9 @@ class LoraAdapter:
             self._sync_hooks([(component, path)])
 
     def _sync_hooks(self, keys=None):
-        """A layer carries the hook only while adapters may run unfused in it. A fused or disabled LoRA leaves
-        plain layers, which CUDA graphs (the fast path) can replay: they step aside for any torch hook."""
+        """A layer carries the hook only while adapters may run unfused in it. A layer holding fused updates runs
+        as a plain layer, its other adapters not added (as in PEFT), and so does every layer of a disabled LoRA:
+        plain layers are what CUDA graphs (the fast path) can replay, as they step aside for any torch hook."""
         for key in list(self._hooks) if keys is None else keys:
             module, handle = self._hooks[key]
             live = self.enabled and not self._fused.get(key)
@@ -256,9 +257,6 @@ class LoraAdapter:
                 handle.remove()
 
     def _apply(self, component, path, module, x, output):
-        # A layer holding fused updates runs as a plain layer: its other adapters are not added (as in PEFT).
-        if not self.enabled or self._fused.get((component, path)):
-            return output
         call = current_call()
         call_kwargs = getattr(call, "cross_attention_kwargs", None) if call is not None else None
         call_scale = call_kwargs.get("scale", 1.0) if call_kwargs else 1.0
